@@ -67,3 +67,26 @@ def safe_load(path: str | os.PathLike, what: str = "checkpoint", map_location="c
     if not isinstance(obj, dict):
         raise TinyMindError(f"{path} is not a TinyMind {what} (top level is {type(obj).__name__}, not dict)")
     return obj
+
+
+def find_checkpoint(save_dir, name: str, hidden_size: int | None = None, what: str = "checkpoint") -> Path:
+    """Resolve ``{save_dir}/{name}_{hidden}.pth`` (MiniMind's naming).
+
+    With ``hidden_size=None`` the one file matching ``{name}_*.pth`` is taken. A missing file is a
+    user mistake: the message lists the names that do exist, so a typo is easy to spot.
+    """
+    save_dir = repo_path(save_dir)
+    if hidden_size is not None:
+        path = save_dir / f"{name}_{hidden_size}.pth"
+        if path.is_file():
+            return path
+    else:
+        found = sorted(p for p in save_dir.glob(f"{name}_*.pth") if p.stem[len(name) + 1:].isdigit())
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise TinyMindError(f"several {what}s named {name!r} in {save_dir} "
+                                f"({', '.join(p.name for p in found)}); pick one with --hidden_size")
+        path = save_dir / f"{name}_<hidden>.pth"
+    have = sorted(p.stem for p in save_dir.glob("*.pth") if not p.stem.endswith("_resume")) if save_dir.is_dir() else []
+    raise TinyMindError(f"{what} {path} not found; files in {save_dir}: {', '.join(have) or 'none'}")

@@ -1,0 +1,301 @@
+"""Chat with a TinyMind checkpoint, with or without LoRA adapters.
+
+What this file implements:
+- find the checkpoint ``out/{weight}_{hidden}.pth`` and rebuild the model from the config inside it
+  (no architecture flags needed); load one or several LoRA files ``out/{lora}_{hidden}.pth`` as named
+  adapters, all active together, and optionally merge them into the weights (``--merge``);
+- four ways to talk to it: an interactive multi-turn chat (streamed, tokens/s after each reply,
+  commands /reset /adapter /help /exit), ``--prompt "..."`` (answer once and exit), prompts piped on
+  stdin (one reply line per input line, for scripts), and ``--mode auto`` (built-in demo prompts);
+- the ChatML prompt for SFT/merged checkpoints, plain continuation for a "pretrain" checkpoint;
+- keeping the prompt inside the context window: the oldest history turns are dropped first.
+
+Examples (CPU; add --device cuda on a GPU, where the dtype defaults to bf16/fp16):
+    python eval_llm.py --weight full_sft                                  # interactive chat
+    python eval_llm.py --weight full_sft --lora_weight lora_identity      # chat as the new persona
+    python eval_llm.py --weight full_sft --lora_weight lora_identity,lora_medical --merge
+    python eval_llm.py --weight full_sft --mode auto --temperature 0      # built-in demo prompts
+    python eval_llm.py --weight pretrain --prompt "TinyMind"              # plain continuation
+    printf '你好\\n你是谁？\\n' | python eval_llm.py --weight full_sft       # one reply line per line
+Generation runs in one process; torchrun is for the training scripts, not for this one.
+"""
+import sys
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere
+
+import argparse
+import re
+import time
+
+import torch
+
+from model.common import TinyMindError, repo_path, run_main
+from model.model import get_config, load_model
+from model.model_lora import load_lora, merge_lora, set_active_adapters
+from model.tokenizer import load_tokenizer
+
+CHAT_HELP = """commands:
+  /reset            forget the conversation history
+  /adapter          show the loaded and the active LoRA adapters
+  /adapter NAME     use only this loaded adapter (several: NAME1,NAME2); /adapter off = base model
+  /help             this text
+  /exit             quit (Ctrl-D and Ctrl-C quit too)"""
+
+# --mode auto: a few general questions, the identity questions LoRA changes, and a medical one.
+DEMO_PROMPTS = [
+    "你好，请介绍一下你自己。",
+    "中国的首都是哪里？",
+    "一年有几个季节？",
+    "你是谁？",
+    "你叫什么名字？是谁开发了你？",
+    "感冒了应该注意什么？",
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Chat with a TinyMind checkpoint (optionally with LoRA adapters).")
+    p.add_argument("--weight", default="full_sft", help="checkpoint name: loads {save_dir}/{weight}_{hidden}.pth")
+    p.add_argument("--lora_weight", default=None,
+                   help="LoRA name(s), comma-separated: loads {save_dir}/{name}_{hidden}.pth, all active together")
+    p.add_argument("--merge", action="store_true", help="merge the LoRA adapters into the weights before chatting")
+    p.add_argument("--save_dir", default="out", help="folder holding the checkpoints (relative to the repo root)")
+    p.add_argument("--hidden_size", type=int, default=None,
+                   help="picks the file {weight}_{hidden}.pth (default: the only such file, else the tiny preset's)")
+    p.add_argument("--num_hidden_layers", type=int, default=None,
+                   help="accepted for MiniMind compatibility; checked against the checkpoint's own config")
+    p.add_argument("--tokenizer_path", default="model/tokenizer.json", help="tokenizer file")
+    p.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="weight dtype (auto: bf16/fp16 on a GPU, float32 on CPU)")
+    p.add_argument("--mode", default="chat", choices=["chat", "auto"],
+                   help="chat: interactive (or one reply per stdin line when stdin is not a terminal); "
+                        "auto: answer the built-in demo prompts")
+    p.add_argument("--prompt", default=None, help="answer this one prompt and exit")
+    p.add_argument("--system", default=None, help="optional system prompt put before every conversation")
+    p.add_argument("--history", type=int, default=0, help="past chat turns kept in the prompt (0: each turn alone)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling: keep the smallest set with this mass")
+    p.add_argument("--top_k", type=int, default=0, help="keep only the k most likely tokens (0 = off)")
+    p.add_argument("--max_new_tokens", type=int, default=512, help="most tokens generated per reply")
+    p.add_argument("--repetition_penalty", type=float, default=1.0, help="> 1 discourages repeating tokens")
+    p.add_argument("--seed", type=int, default=None, help="re-seed before every reply, so each reply is reproducible")
+    p.add_argument("--stream", type=int, default=1, choices=[0, 1], help="1: print the reply token by token")
+    return p.parse_args(argv)
+
+
+def weights_in(save_dir: Path) -> str:
+    """The checkpoint and LoRA names present, for 'not found' messages."""
+    names = sorted(p.stem for p in save_dir.glob("*.pth") if not p.stem.endswith("_resume"))
+    return ", ".join(names) or "(none)"
+
+
+def find_file(save_dir: Path, shown: str, name: str, hidden: int) -> Path:
+    path = save_dir / f"{name}_{hidden}.pth"
+    if not path.is_file():
+        raise TinyMindError(f"{shown}/{name}_{hidden}.pth not found; weights in {shown}/: {weights_in(save_dir)}")
+    return path
+
+
+def pick_hidden(args, save_dir: Path) -> int:
+    """--hidden_size, else the only {weight}_<hidden>.pth present, else the tiny preset's hidden size."""
+    if args.hidden_size:
+        return args.hidden_size
+    pattern = re.compile(re.escape(args.weight) + r"_(\d+)\.pth")
+    found = [int(m.group(1)) for p in save_dir.glob("*.pth") if (m := pattern.fullmatch(p.name))]
+    return found[0] if len(found) == 1 else get_config("tiny").hidden_size
+
+
+def pick_device(device: str, dtype: str):
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if dtype == "auto":  # halve the bytes read per token on a GPU; CPU matmuls are fastest in fp32
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.startswith("cuda") else "float32"
+    return device, getattr(torch, dtype)
+
+
+class Session:
+    """A loaded model + tokenizer + the chat state (history, active adapters)."""
+
+    def __init__(self, args):
+        self.args = args
+        save_dir, shown = repo_path(args.save_dir), args.save_dir.rstrip("/") or "."
+        path = find_file(save_dir, shown, args.weight, pick_hidden(args, save_dir))
+        self.device, dtype = pick_device(args.device, args.dtype)
+        self.model, ckpt = load_model(path, device=self.device, dtype=dtype)
+        cfg = self.model.config
+        for flag in ("hidden_size", "num_hidden_layers"):
+            value = getattr(args, flag)
+            if value and value != getattr(cfg, flag):
+                raise TinyMindError(f"--{flag} {value} does not match {path.name} ({flag}={getattr(cfg, flag)}); "
+                                    "the checkpoint carries its own config, the flag can be left out")
+        self.tok = load_tokenizer(repo_path(args.tokenizer_path))
+        if len(self.tok) > cfg.vocab_size:
+            raise TinyMindError(f"{args.tokenizer_path} has {len(self.tok)} tokens but {path.name} only "
+                                f"{cfg.vocab_size}: not the tokenizer this model was trained with")
+        # "pretrain" checkpoints never saw the chat template: they continue text instead.
+        stage = ckpt.get("stage") or ("pretrain" if args.weight.startswith("pretrain") else "sft")
+        self.chat = stage != "pretrain"
+        self.ctx = cfg.max_position_embeddings
+        self.adapters = [n.strip() for n in (args.lora_weight or "").split(",") if n.strip()]
+        for name in self.adapters:
+            load_lora(self.model, find_file(save_dir, shown, name, cfg.hidden_size), adapter_name=name)
+        if self.adapters:
+            set_active_adapters(self.model, self.adapters)
+        self.merged = bool(self.adapters) and args.merge
+        if self.merged:
+            merge_lora(self.model)
+        self.active = list(self.adapters)
+        self.model.eval()
+        self.history = []  # [(user, assistant), ...], oldest first
+        lora = f", LoRA {','.join(self.adapters)}{' (merged)' if self.merged else ''}" if self.adapters else ""
+        print(f"loaded {shown}/{path.name}: stage {stage}, {self.model.num_parameters() / 1e6:.2f}M params, "
+              f"hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {self.device} {str(dtype)[6:]}{lora}",
+              file=sys.stderr)
+
+    def prompt_ids(self, text: str) -> list:
+        """Token ids of the prompt; drops the oldest history turns until prompt + reply fit the context."""
+        if not self.chat:  # pretraining documents start with <|im_start|> (bos), so the prompt does too
+            ids = [self.tok.bos_id] + self.tok.encode(text)
+        else:
+            turns = self.history[-self.args.history:] if self.args.history > 0 else []
+            while True:
+                msgs = [{"role": "system", "content": self.args.system}] if self.args.system else []
+                for user, assistant in turns:
+                    msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+                msgs.append({"role": "user", "content": text})
+                ids = self.tok.encode(self.tok.apply_chat_template(msgs, add_generation_prompt=True))
+                if not turns or len(ids) + self.args.max_new_tokens <= self.ctx:
+                    break
+                turns = turns[1:]
+        if len(ids) >= self.ctx:
+            raise TinyMindError(f"the prompt is {len(ids)} tokens but the model's context is {self.ctx} "
+                                "(max_position_embeddings): shorten it")
+        return ids
+
+    def answer(self, text: str, stream=None):
+        """Generate one reply; print it to `stream` as it grows. Returns (reply, new tokens, seconds)."""
+        ids = self.prompt_ids(text)
+        if self.args.seed is not None:
+            torch.manual_seed(self.args.seed)
+        new, shown = [], ""
+
+        def on_token(token_ids):  # (B,) = (1,): called once per generated token
+            nonlocal shown
+            new.append(int(token_ids[0]))
+            if stream is None:
+                return
+            # Decode the whole reply so far and print the new suffix: a character whose UTF-8 bytes are
+            # split over several tokens decodes to U+FFFD until its last byte arrives, so wait for it.
+            so_far = self.tok.decode(new)
+            if so_far.endswith("\ufffd") or not so_far.startswith(shown):
+                return
+            stream.write(so_far[len(shown):])
+            stream.flush()
+            shown = so_far
+
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = self.model.generate(
+                torch.tensor([ids], dtype=torch.long, device=self.device),
+                max_new_tokens=min(self.args.max_new_tokens, self.ctx - len(ids)),
+                temperature=self.args.temperature, top_k=self.args.top_k, top_p=self.args.top_p,
+                repetition_penalty=self.args.repetition_penalty, eos_token_id=self.tok.eos_id, streamer=on_token)
+        seconds = time.perf_counter() - t0
+        new_ids = out[0, len(ids):].tolist()
+        reply = self.tok.decode(new_ids)
+        if stream is not None and reply.startswith(shown):
+            stream.write(reply[len(shown):])  # whatever the last tokens completed
+            stream.flush()
+        return reply, len(new_ids), seconds
+
+    def switch_adapter(self, arg: str) -> str:
+        loaded = ", ".join(self.adapters) or "none"
+        if not arg:
+            return f"loaded adapters: {loaded}; active: {', '.join(self.active) or 'none (base model)'}"
+        if not self.adapters:
+            return "no LoRA adapter loaded (start with --lora_weight NAME)"
+        if self.merged:
+            return "the adapters are merged into the weights (--merge): restart without --merge to switch"
+        names = None if arg == "off" else [n.strip() for n in arg.split(",") if n.strip()]
+        unknown = [n for n in names or [] if n not in self.adapters]
+        if unknown:
+            return f"unknown adapter {', '.join(unknown)}; loaded: {loaded}"
+        set_active_adapters(self.model, names)
+        self.active = names or []
+        return f"active adapters: {', '.join(self.active) or 'none (base model)'}"
+
+
+def speed(n: int, seconds: float) -> str:
+    return f"[{n} tokens, {n / max(seconds, 1e-9):.1f} tokens/s]"
+
+
+def reply_to(session, text: str, label: str = "Assistant: "):
+    """One streamed (or printed) reply on stdout, followed by the tokens/s line."""
+    sys.stdout.write(label)
+    reply, n, seconds = session.answer(text, stream=sys.stdout if session.args.stream else None)
+    if not session.args.stream:
+        sys.stdout.write(reply)
+    print(f"\n{speed(n, seconds)}", flush=True)
+    return reply
+
+
+def chat_loop(session) -> None:
+    """Interactive chat: input() per turn; commands start with '/'; Ctrl-D / Ctrl-C quit."""
+    kind = f"history {session.args.history} turns" if session.chat else "pretrain checkpoint: plain continuation"
+    print(f"TinyMind chat ({kind}); /help for commands, /exit to quit")
+    try:
+        while True:
+            line = input("User: ").strip()
+            if not line:
+                continue
+            cmd, _, arg = line.partition(" ")
+            if cmd in ("/exit", "/quit"):
+                return
+            elif cmd == "/help":
+                print(CHAT_HELP)
+            elif cmd == "/reset":
+                session.history.clear()
+                print("(history cleared)")
+            elif cmd == "/adapter":
+                print(session.switch_adapter(arg.strip()))
+            elif cmd.startswith("/"):
+                print(f"unknown command {cmd}; /help lists the commands")
+            else:
+                try:
+                    reply = reply_to(session, line)
+                    if session.chat and session.args.history > 0:
+                        session.history = (session.history + [(line, reply)])[-session.args.history:]
+                except TinyMindError as e:  # e.g. a prompt longer than the context: say so, keep chatting
+                    print(f"\nerror: {e}")
+    except (EOFError, KeyboardInterrupt):
+        print()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.max_new_tokens < 1 or args.history < 0:
+        raise TinyMindError("--max_new_tokens must be >= 1 and --history >= 0")
+    session = Session(args)
+    if args.prompt is not None:  # answer once; stdout holds only the reply, the speed goes to stderr
+        reply, n, seconds = session.answer(args.prompt, stream=sys.stdout if args.stream else None)
+        print("" if args.stream else reply, flush=True)
+        print(speed(n, seconds), file=sys.stderr)
+    elif args.mode == "auto":
+        for text in DEMO_PROMPTS:
+            print(f"User: {text}")
+            reply_to(session, text)
+            print()
+    elif not sys.stdin.isatty():
+        # Scripts: every input line is one independent prompt and gets exactly one output line
+        # (newlines inside a reply are written as "\n"; a blank input line gets a blank output line).
+        for line in sys.stdin:
+            line = line.strip()
+            reply = session.answer(line)[0] if line else ""
+            print(reply.replace("\n", "\\n"), flush=True)
+    else:
+        chat_loop(session)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,118 @@
+"""TinyMind's tokenizer: a thin wrapper over a byte-level BPE ``tokenizers.Tokenizer``.
+
+Implements:
+- ``SPECIAL_TOKENS``: ``<|endoftext|>`` = 0 (padding), ``<|im_start|>`` = 1, ``<|im_end|>`` = 2, then a few
+  reserved specials. Ids 0/1/2 are the same as MiniMind's, so MiniMind-format data and checkpoints line up.
+- ``TinyMindTokenizer``: ``encode`` / ``encode_batch`` / ``decode`` and ``apply_chat_template`` (ChatML).
+- ``load_tokenizer(path=None)``: reads ``model/tokenizer.json`` (trained by ``trainer/train_tokenizer.py``).
+
+Byte-level BPE means every string round-trips exactly: text is first turned into UTF-8 bytes, each byte is
+a base token, and merges only glue bytes together, so emoji or a script the tokenizer never saw still encode
+(as several byte tokens) and decode back unchanged. The special token strings are "added tokens": the
+tokenizer cuts them out of the text before BPE runs, so ``"<|im_start|>"`` inside a rendered chat always
+becomes the single id 1.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from model.common import TinyMindError, repo_path
+
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+# Reserved specials keep a few ids free for later uses (tool calls, thinking, ...) without retraining.
+SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN] + [f"<|reserved_{i}|>" for i in range(5)]
+DEFAULT_TOKENIZER_PATH = "model/tokenizer.json"
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class TinyMindTokenizer:
+    """Byte-level BPE with TinyMind's special ids and the ChatML chat template."""
+
+    pad_token, bos_token, eos_token = PAD_TOKEN, BOS_TOKEN, EOS_TOKEN
+
+    def __init__(self, tokenizer: Tokenizer, path: str | os.PathLike | None = None):
+        self.tokenizer = tokenizer
+        self.path = Path(path) if path is not None else None
+        where = path if path is not None else "tokenizer"
+        # The whole pipeline (pretrain documents, chat template, padding) relies on these three ids.
+        for want_id, tok in enumerate((PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)):
+            got = tokenizer.token_to_id(tok)
+            if got != want_id:
+                raise TinyMindError(f"{where}: special token {tok} has id {got}, expected {want_id} "
+                                    "(retrain it with trainer/train_tokenizer.py)")
+        self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        # Short digest of the full tokenizer definition: data caches built with another tokenizer are stale.
+        self.fingerprint = hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"TinyMindTokenizer(vocab_size={self.vocab_size}, path={str(self.path)!r})"
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; ``add_special_tokens=True`` gives a pretraining document ``[1] + ids + [2]``."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return [self.bos_id, *ids, self.eos_id] if add_special_tokens else ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """``encode`` for many texts at once (the Rust side runs them in parallel): used by the loaders."""
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Text of ``ids`` (a list, a 1-D tensor or array); special tokens are dropped unless asked for."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.tokenizer.id_to_token(int(i))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """Render a conversation as ChatML, exactly::
+
+            <|im_start|>{role}\\n{content}<|im_end|>\\n      (for each message)
+            <|im_start|>assistant\\n                          (if add_generation_prompt)
+        """
+        parts = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise TinyMindError(f"chat message {i}: expected {{'role': str, 'content': str}}, got {m!r:.80}")
+            parts.append(f"{BOS_TOKEN}{m['role']}\n{m['content']}{EOS_TOKEN}\n")
+        if add_generation_prompt:
+            parts.append(f"{BOS_TOKEN}assistant\n")
+        return "".join(parts)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``tokenizer.json`` atomically (``*.tmp`` then ``os.replace``)."""
+        path = repo_path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            self.tokenizer.save(str(tmp))
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return path
+
+
+def load_tokenizer(path: str | os.PathLike | None = None) -> TinyMindTokenizer:
+    """Load ``model/tokenizer.json`` (or ``path``); a missing or unreadable file is a ``TinyMindError``."""
+    path = repo_path(path if path is not None else DEFAULT_TOKENIZER_PATH)
+    if not path.is_file():
+        raise TinyMindError(f"tokenizer not found: {path} (train one with: python trainer/train_tokenizer.py)")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # truncated JSON, not a tokenizer file, unknown model type, ...
+        msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise TinyMindError(f"{path} is not a readable tokenizer file ({msg})") from None
+    return TinyMindTokenizer(tok, path)

@@ -1,0 +1,166 @@
+"""The whole TinyMind chain in one command: pretrain -> SFT -> lora_identity -> lora_medical -> evaluation.
+
+Each stage is the ordinary script a learner would run by hand (trainer/train_pretrain.py, ...), started
+as a subprocess with the flags listed in ``STAGES`` below, so what this file does can be repeated stage by
+stage. A training stage whose output file already exists is skipped, unless a stage before it was retrained
+(``--force`` reruns everything); a stage that was interrupted left a resume file, and the next run
+continues it with ``--from_resume 1``. The evaluation always runs.
+
+    python scripts/run_pipeline.py                      # the CPU demo (`tiny` preset)
+    python scripts/run_pipeline.py --preset smoke       # a 2-minute end-to-end check
+    python scripts/run_pipeline.py --device cuda        # the same on a GPU
+    python scripts/run_pipeline.py --force              # retrain every stage
+    python scripts/run_pipeline.py --retrain_tokenizer  # also retrain model/tokenizer.json first
+
+At the end it prints the evaluation table (SFT alone, +identity, +medical, +both) and writes
+{save_dir}/pipeline_report.md and .json, {save_dir}/eval_report.* and {save_dir}/eval_chart.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+
+from model.common import ROOT, TinyMindError, repo_path, run_main
+
+# Per-preset training recipe. Every entry is a plain command line for the stage's script.
+STAGES = {
+    "tiny": {
+        "pretrain": ["--preset", "tiny", "--epochs", "1", "--batch_size", "16", "--max_seq_len", "256",
+                     "--learning_rate", "2e-3"],
+        "sft": ["--epochs", "1", "--batch_size", "32", "--max_seq_len", "256", "--learning_rate", "1e-3"],
+        "lora_identity": ["--epochs", "3", "--batch_size", "32", "--learning_rate", "2e-3",
+                          "--lora_rank", "16", "--lora_alpha", "32"],
+        "lora_medical": ["--epochs", "3", "--batch_size", "32", "--learning_rate", "2e-3",
+                         "--lora_rank", "16", "--lora_alpha", "32"],
+        "eval": [],
+    },
+    "smoke": {
+        "pretrain": ["--preset", "smoke", "--max_steps", "40", "--batch_size", "8", "--max_seq_len", "128",
+                     "--learning_rate", "3e-3"],
+        "sft": ["--max_steps", "30", "--batch_size", "8", "--max_seq_len", "128", "--learning_rate", "2e-3"],
+        "lora_identity": ["--max_steps", "15", "--batch_size", "8", "--max_seq_len", "128",
+                          "--learning_rate", "3e-3", "--lora_rank", "4", "--lora_alpha", "8"],
+        "lora_medical": ["--max_steps", "15", "--batch_size", "8", "--max_seq_len", "128",
+                         "--learning_rate", "3e-3", "--lora_rank", "4", "--lora_alpha", "8"],
+        "eval": ["--limit", "16", "--max_new_tokens", "24"],
+    },
+}
+ORDER = ("pretrain", "sft", "lora_identity", "lora_medical", "eval")
+
+
+def stage_command(stage: str, recipe: list[str], args, hidden: int) -> tuple[list[str], Path | None]:
+    """The command line of one stage and the file whose existence marks it done."""
+    common = ["--save_dir", str(args.save_dir), "--device", args.device]
+    if stage == "pretrain":
+        return (["trainer/train_pretrain.py", "--weight", "pretrain", "--data_path", "dataset/pretrain_demo.jsonl"]
+                + common + recipe, args.save_dir / f"pretrain_{hidden}.pth")
+    if stage == "sft":
+        return (["trainer/train_sft.py", "--from_weight", "pretrain", "--weight", "full_sft",
+                 "--data_path", "dataset/sft_demo.jsonl"] + common + recipe, args.save_dir / f"full_sft_{hidden}.pth")
+    if stage.startswith("lora_"):
+        return (["trainer/train_lora.py", "--from_weight", "full_sft", "--lora_name", stage,
+                 "--data_path", f"dataset/{stage}.jsonl"] + common + recipe, args.save_dir / f"{stage}_{hidden}.pth")
+    return (["scripts/evaluate.py", "--weight", "full_sft", "--compare", "1", "--hidden_size", str(hidden)]
+            + common + recipe, None)
+
+
+def preset_hidden(preset: str) -> int:
+    from model.model import get_config
+    return get_config(preset).hidden_size
+
+
+def run_stage(cmd: list[str], log_path: Path) -> float:
+    """Run one stage, echo its output and keep a log; a failed stage stops the pipeline."""
+    t0 = time.time()
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen([sys.executable, "-u"] + cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
+        for line in proc.stdout:
+            print("    " + line, end="", flush=True)
+            log.write(line)
+        code = proc.wait()
+    if code != 0:
+        raise TinyMindError(f"stage `python {' '.join(cmd)}` failed with exit status {code}; log: {log_path}")
+    return time.time() - t0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Run pretrain -> SFT -> two LoRAs -> evaluation on the shipped demo data.")
+    p.add_argument("--preset", default="tiny", choices=sorted(STAGES), help="model size and training recipe")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (passed to every stage)")
+    p.add_argument("--save_dir", default="out", help="where checkpoints, logs and reports go")
+    p.add_argument("--force", action="store_true", help="rerun stages whose output already exists")
+    p.add_argument("--stages", default=",".join(ORDER), help="comma-separated subset of " + ",".join(ORDER))
+    p.add_argument("--retrain_tokenizer", action="store_true",
+                   help="first retrain model/tokenizer.json on the shipped training files (the shipped one is "
+                        "already trained on them; checkpoints made with the old tokenizer become useless)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    args.save_dir = repo_path(args.save_dir)
+    args.save_dir.mkdir(parents=True, exist_ok=True)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in ORDER]
+    if unknown:
+        raise TinyMindError(f"--stages: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(ORDER)}")
+    hidden = preset_hidden(args.preset)
+    recipe = STAGES[args.preset]
+    t_start, timings, upstream_ran = time.time(), {}, False
+
+    if args.retrain_tokenizer:
+        files = ",".join(f"dataset/{f}.jsonl" for f in ("pretrain_demo", "sft_demo", "lora_identity", "lora_medical"))
+        print("[pipeline] tokenizer: retraining model/tokenizer.json", flush=True)
+        timings["tokenizer"] = run_stage(["trainer/train_tokenizer.py", "--data_path", files],
+                                         args.save_dir / "pipeline_tokenizer.log")
+
+    for stage in ORDER:
+        if stage not in stages:
+            continue
+        cmd, done = stage_command(stage, recipe[stage], args, hidden)
+        # Evaluation always runs; a stage is skipped only when nothing before it was retrained.
+        if stage != "eval" and done.exists() and not (args.force or upstream_ran):
+            print(f"[pipeline] {stage}: {done.name} exists, skipped (use --force to rerun)", flush=True)
+            timings[stage] = None
+            continue
+        if stage != "eval":
+            resume = done.with_name(done.stem + "_resume.pth")
+            if resume.exists() and not (args.force or upstream_ran):
+                print(f"[pipeline] {stage}: found {resume.name}, continuing the interrupted run", flush=True)
+                cmd += ["--from_resume", "1"]
+        print(f"[pipeline] {stage}: start  python {' '.join(cmd)}", flush=True)
+        timings[stage] = run_stage(cmd, args.save_dir / f"pipeline_{stage}.log")
+        upstream_ran = upstream_ran or stage in ("pretrain", "sft")
+        print(f"[pipeline] {stage}: done in {timings[stage]:.1f}s", flush=True)
+
+    total = time.time() - t_start
+    report = {"preset": args.preset, "device": args.device, "stage_seconds": timings, "total_seconds": round(total, 1),
+              "machine": f"{platform.machine()} {platform.system()}, python {platform.python_version()}",
+              "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python scripts/run_pipeline.py " +
+              " ".join(argv if argv is not None else sys.argv[1:])}
+    eval_json = args.save_dir / "eval_report.json"
+    lines = [f"# TinyMind pipeline report ({args.preset})", "",
+             "| stage | wall time |", "| --- | --- |"]
+    lines += [f"| {s} | {'skipped' if t is None else f'{t:.1f}s'} |" for s, t in timings.items()]
+    lines += [f"| total | {total:.1f}s |", ""]
+    if eval_json.exists():
+        report["eval"] = json.loads(eval_json.read_text(encoding="utf-8"))["summary"]
+        lines += [(args.save_dir / "eval_report.md").read_text(encoding="utf-8"), ""]
+    lines.append(f"{report['machine']}; `{report['command']}`; {report['date']}")
+    (args.save_dir / "pipeline_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
+    (args.save_dir / "pipeline_report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print("\n".join(lines[2:]))
+    print(f"[pipeline] finished in {total:.1f}s; report: {args.save_dir / 'pipeline_report.md'}")
+    return report
+
+
+if __name__ == "__main__":
+    run_main(main)
