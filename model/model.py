@@ -1,0 +1,463 @@
+"""TinyMind: a Llama-style decoder-only language model in one file (plain PyTorch).
+
+What this file implements, top to bottom:
+- ``TinyMindConfig``: the architecture as a dataclass (every field has a documented default);
+  ``PRESETS`` / ``get_config``: ``smoke`` (tests), ``tiny`` (CPU demo), ``small`` (= MiniMind2-Small,
+  25.83M parameters), ``base`` (= MiniMind2, 104.03M).
+- ``RMSNorm`` (computed in fp32), rotary position embeddings (RoPE, Llama's rotate-half convention,
+  cos/sin tables precomputed once), ``Attention`` with grouped-query attention (GQA) through
+  ``F.scaled_dot_product_attention`` or an equivalent hand-written path, the SwiGLU ``MLP``, the
+  pre-norm ``Block``, ``TinyMindModel`` (the stack) and ``TinyMindForCausalLM`` (+ tied LM head, loss).
+- ``KVCache``: keys/values preallocated once per ``generate`` call and written in place.
+- ``TinyMindForCausalLM.generate``: greedy / temperature / top-k / top-p sampling, repetition
+  penalty, per-row EOS stop, batched left-padded prompts, a streamer callback.
+- ``save_model`` / ``load_model``: one self-describing checkpoint file (config + weights), written
+  atomically and read with ``weights_only=True``; ``state_fingerprint``; ``unwrap_model``.
+
+Parameter names are Llama's (``model.layers.0.self_attn.q_proj.weight`` ...), so a TinyMind state
+dict loads into ``transformers.LlamaForCausalLM`` with ``strict=True`` and gives the same logits.
+Shapes in comments: B batch, T new tokens, S keys attended (cache + new), C hidden size,
+nh query heads, nkv key/value heads, hd head size, V vocabulary.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.common import TinyMindError, atomic_save, repo_path, safe_load
+
+
+@dataclass
+class TinyMindConfig:
+    vocab_size: int = 6400                  # byte-level BPE vocabulary (pad 0, <|im_start|> 1, <|im_end|> 2)
+    hidden_size: int = 512                  # C: width of the residual stream
+    num_hidden_layers: int = 8              # number of transformer blocks
+    num_attention_heads: int = 8            # nh: query heads (head size hd = C // nh)
+    num_key_value_heads: int = 2            # nkv: key/value heads shared by nh // nkv query heads (GQA)
+    intermediate_size: int | None = None    # SwiGLU width; None -> 64 * ceil(int(8C/3) / 64) as MiniMind2
+    max_position_embeddings: int = 32768    # longest sequence (prompt + generated) the RoPE tables cover
+    rope_theta: float = 1e6                 # RoPE base frequency
+    rms_norm_eps: float = 1e-5              # RMSNorm epsilon
+    dropout: float = 0.0                    # dropout on attention probs and residual branches (training only)
+    tie_word_embeddings: bool = True        # lm_head shares the embedding matrix (saves V*C parameters)
+    flash_attn: bool = True                 # True: F.scaled_dot_product_attention; False: the manual path
+
+    def __post_init__(self):
+        if self.intermediate_size is None:
+            self.intermediate_size = 64 * math.ceil(int(8 * self.hidden_size / 3) / 64)
+        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
+            raise TinyMindError(f"hidden_size {self.hidden_size}, num_attention_heads {self.num_attention_heads} and "
+                                f"num_key_value_heads {self.num_key_value_heads} must divide each other")
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise TinyMindError("head size (hidden_size // num_attention_heads) must be even for RoPE")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TinyMindConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise TinyMindError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+
+PRESETS: dict[str, dict] = {
+    "smoke": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512),        # ~0.5M, for tests and the CI pipeline
+    "tiny": dict(hidden_size=192, num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=2,
+                 max_position_embeddings=1024),        # ~3.6M, the CPU demo
+    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2),   # 25.83M
+    "base": dict(hidden_size=768, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2),  # 104.03M
+}
+
+
+def get_config(preset: str = "tiny", **overrides) -> TinyMindConfig:
+    """A preset's config with some fields replaced (``None`` overrides are ignored, e.g. unset CLI flags)."""
+    if preset not in PRESETS:
+        raise TinyMindError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return TinyMindConfig.from_dict({**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 (a bf16 sum of squares loses precision) and cast back."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # F.rms_norm(h) = h * rsqrt(mean(h^2, -1) + eps), one fused call (this runs twice per layer per token)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_pos: int, theta: float):
+    """cos/sin of shape (max_pos, hd); frequency i of the first half is repeated in the second (rotate-half)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (hd/2,)
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)                   # (P, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)                                                       # (P, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (x[i], x[i + hd/2]) pair by its position's angle. x: (B, h, T, hd); cos/sin broadcast to it."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated as (B, nkv, max_len, hd) and written in place.
+
+    Growing a cache with torch.cat copies everything seen so far at every step; here each step writes
+    only its own T columns and attention reads the filled prefix [:start_pos + T] as a view.
+    The buffers are allocated at the first write so they take the dtype/device of the keys (autocast).
+    """
+
+    def __init__(self, num_layers: int, max_len: int):
+        self.max_len = max_len
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+
+    def update(self, layer: int, start: int, k, v):
+        if self.k[layer] is None:
+            B, nkv, _, hd = k.shape
+            self.k[layer] = k.new_zeros(B, nkv, self.max_len, hd)
+            self.v[layer] = v.new_zeros(B, nkv, self.max_len, hd)
+        end = start + k.size(2)
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]   # (B, nkv, S, hd) views
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TinyMindConfig):
+        super().__init__()
+        self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.flash = cfg.flash_attn
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0):
+        """mask: None (plain causal) or bool, broadcastable to (B, 1, T, S), True = may attend."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)    # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)    # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, start_pos, k, v)                            # (B, nkv, S, hd)
+        causal = mask is None and T > 1        # a single new token may see every cached key
+        p = self.dropout if self.training else 0.0
+        if self.flash and T == 1:
+            # decoding one token: the nh // nkv query heads of a group become the rows of one query block
+            # for their shared k/v head, (B, nkv, nh // nkv, hd): no copies of k/v, no causal mask needed
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv, -1, self.head_dim), k, v,
+                                               attn_mask=mask, dropout_p=p).view(B, self.n_head, 1, -1)
+        elif self.flash:
+            # enable_gqa lets each group of nh // nkv query heads read its shared k/v head without copies
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
+                                               enable_gqa=self.n_kv != self.n_head)
+        else:
+            rep = self.n_head // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)             # (B, nh, T, S)
+            if causal:
+                mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
+            att = F.dropout(F.softmax(att.float(), dim=-1).to(q.dtype), p)
+            y = att @ v                                                            # (B, nh, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)          # (B, T, C)
+        return self.resid_dropout(self.o_proj(y))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: TinyMindConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: TinyMindConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, layer=0, start_pos=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, start_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TinyMindModel(nn.Module):
+    """Embedding -> blocks -> final norm; returns hidden states (B, T, C)."""
+
+    def __init__(self, cfg: TinyMindConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        cos, sin = rope_tables(cfg.hidden_size // cfg.num_attention_heads, cfg.max_position_embeddings,
+                               cfg.rope_theta)
+        # non-persistent: recomputed from the config, so they never enter the state dict
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, input_ids, attention_mask=None, kv_cache: KVCache | None = None, start_pos: int = 0):
+        B, T = input_ids.shape
+        S = start_pos + T                                 # keys attended: cached ones + the new ones
+        if S > self.config.max_position_embeddings:
+            raise TinyMindError(f"sequence of {S} tokens exceeds max_position_embeddings "
+                                f"{self.config.max_position_embeddings}")
+        if kv_cache is not None and S > kv_cache.max_len:
+            raise TinyMindError(f"KV cache holds {kv_cache.max_len} positions, {S} requested")
+        if attention_mask is not None and attention_mask.shape != (B, S):
+            raise TinyMindError(f"attention_mask must be (batch, start_pos + T) = {(B, S)}, "
+                                f"got {tuple(attention_mask.shape)}")
+        mask = None
+        if attention_mask is None:
+            cos, sin = self.rope_cos[start_pos:S], self.rope_sin[start_pos:S]       # (T, hd)
+            if start_pos > 0 and T > 1:   # a chunk after cached tokens: causal, offset by start_pos
+                mask = torch.arange(S, device=input_ids.device) <= torch.arange(start_pos, S, device=input_ids.device)[:, None]
+        else:
+            # left padding: a row's positions count only its real tokens, so "<pad><pad>Hi" == "Hi"
+            valid = attention_mask.bool()                                         # (B, S)
+            pos = (attention_mask.long().cumsum(-1)[:, start_pos:] - 1).clamp(min=0)  # (B, T)
+            cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, hd)
+            k_idx = torch.arange(S, device=input_ids.device)
+            q_idx = torch.arange(start_pos, S, device=input_ids.device)[:, None]  # (T, 1)
+            # causal and not a pad key; a pad query may see itself so no softmax row is all -inf (NaN)
+            mask = ((k_idx <= q_idx) & valid[:, None, :]) | (k_idx == q_idx)      # (B, T, S)
+            mask = mask.unsqueeze(1)                                              # (B, 1, T, S)
+        x = self.dropout(self.embed_tokens(input_ids))                            # (B, T, C)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, kv_cache, i, start_pos)
+        return self.norm(x)
+
+
+class CausalLMOutput(NamedTuple):
+    loss: torch.Tensor | None   # mean cross-entropy over labels != -100 (None without labels)
+    logits: torch.Tensor        # (B, T, V), or (B, logits_to_keep, V)
+
+
+class TinyMindForCausalLM(nn.Module):
+    def __init__(self, config: TinyMindConfig | None = None):
+        super().__init__()
+        self.config = config = config or TinyMindConfig()
+        self.model = TinyMindModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight   # one (V, C) matrix, read and written twice
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():   # GPT-2: scale the residual-branch outputs by 1/sqrt(2L)
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.num_hidden_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())   # parameters() yields a tied matrix once
+
+    def forward(self, input_ids, labels=None, attention_mask=None, kv_cache: KVCache | None = None,
+                start_pos: int = 0, logits_to_keep: int = 0) -> CausalLMOutput:
+        """input_ids (B, T); labels (B, T), shifted here (position t predicts t+1), -100 = ignored;
+        attention_mask (B, start_pos + T): 1 real, 0 pad; kv_cache/start_pos: write this chunk's keys at
+        cache positions [start_pos, start_pos + T); logits_to_keep > 0: the LM head runs on the last
+        positions only (generation needs just one)."""
+        h = self.model(input_ids, attention_mask, kv_cache, start_pos)             # (B, T, C)
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)   # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+                                   labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutput(loss, logits)
+
+    @torch.inference_mode()
+    def generate(self, input_ids, max_new_tokens: int = 256, temperature: float = 0.85, top_k: int | None = None,
+                 top_p: float | None = 0.85, repetition_penalty: float = 1.0, eos_token_id: int | None = 2,
+                 attention_mask=None, streamer: Callable | None = None, use_cache: bool = True,
+                 pad_token_id: int = 0):
+        """Continue (B, T) prompts; returns (B, T + generated) with the prompts first.
+
+        temperature <= 0 is greedy; top_k / top_p (None or 0 / 1.0 = off) filter before sampling.
+        Left-padded batches pass attention_mask (1 real, 0 pad). A row stops at eos_token_id and then
+        emits pad_token_id; the loop ends when every row has stopped, after max_new_tokens, or when the
+        sequence reaches max_position_embeddings. streamer(tokens (B,)) is called after each step.
+        use_cache=False recomputes the whole sequence at each step (slow; the reference for tests).
+        """
+        B, T = input_ids.shape
+        ctx = self.config.max_position_embeddings
+        if T == 0:
+            raise TinyMindError("generate needs a non-empty prompt")
+        if T >= ctx:
+            raise TinyMindError(f"prompt has {T} tokens but the context is {ctx} (max_position_embeddings); "
+                                f"shorten it to at most {ctx - 1} tokens")
+        max_new = max(0, min(max_new_tokens, ctx - T))        # stop at the context limit
+        seq = input_ids.new_full((B, T + max_new), pad_token_id)   # prompt + every token we will write
+        seq[:, :T] = input_ids
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):   # all ones: plain fast path
+            mask = torch.ones_like(seq)
+            mask[:, :T] = attention_mask
+        cache = KVCache(self.config.num_hidden_layers, T + max_new) if use_cache else None
+        finished = torch.zeros(B, dtype=torch.bool, device=seq.device)
+        n = T                                                 # filled length of seq
+        logits = self(seq[:, :T], attention_mask=None if mask is None else mask[:, :T],
+                      kv_cache=cache, logits_to_keep=1).logits[:, -1]              # (B, V)
+        for step in range(max_new):
+            nxt = self._next_token(logits, seq[:, :n], temperature, top_k, top_p, repetition_penalty)  # (B,)
+            if eos_token_id is not None:
+                nxt = nxt.masked_fill(finished, pad_token_id)
+                finished |= nxt == eos_token_id
+            seq[:, n] = nxt
+            n += 1
+            if streamer is not None:
+                streamer(nxt)
+            if step == max_new - 1 or (eos_token_id is not None and bool(finished.all())):
+                break
+            m = None if mask is None else mask[:, :n]
+            if use_cache:   # feed only the new token; its keys go to cache position n - 1
+                logits = self(seq[:, n - 1:n], attention_mask=m, kv_cache=cache, start_pos=n - 1,
+                              logits_to_keep=1).logits[:, -1]
+            else:
+                logits = self(seq[:, :n], attention_mask=m, logits_to_keep=1).logits[:, -1]
+        return seq[:, :n]
+
+    @staticmethod
+    def _next_token(logits, seen, temperature, top_k, top_p, repetition_penalty):
+        """Pick one token per row from logits (B, V); seen (B, L) are the ids so far (for the penalty)."""
+        if repetition_penalty != 1.0:   # CTRL-style: shrink the scores of every id already in the row
+            score = logits.gather(1, seen)
+            score = torch.where(score < 0, score * repetition_penalty, score / repetition_penalty)
+            logits = logits.scatter(1, seen, score)
+        if temperature <= 0:
+            return logits.argmax(-1)
+        logits = logits.float() / temperature
+        if top_k and top_k < logits.size(-1):
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]                # (B, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None and 0 < top_p < 1.0:   # nucleus: smallest set whose probability reaches top_p
+            sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+            probs = sorted_logits.softmax(-1)
+            drop = probs.cumsum(-1) - probs > top_p   # the first token is always kept
+            logits = logits.scatter(1, idx, sorted_logits.masked_fill(drop, float("-inf")))
+        return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: {"format": "tinymind-model", "config": {...}, "model": state_dict, **extra}
+# ---------------------------------------------------------------------------------------------
+FORMAT = "tinymind-model"
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain model under DistributedDataParallel/DataParallel (.module) and torch.compile (._orig_mod)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _clean_key(key: str) -> str:
+    """Drop wrapper prefixes: "module." (DDP) and "_orig_mod." (torch.compile, also on submodules)."""
+    key = key.replace("_orig_mod.", "")
+    while key.startswith("module."):
+        key = key[len("module."):]
+    return key
+
+
+def _expected_shapes(cfg: TinyMindConfig) -> dict[str, tuple]:
+    with torch.device("meta"):   # names and shapes only: no memory, no init cost
+        return {k: tuple(v.shape) for k, v in TinyMindForCausalLM(cfg).state_dict().items()}
+
+
+def _check_state(state: dict, expected: dict[str, tuple], where: str):
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(getattr(state[k], 'shape', ()))} != {expected[k]}" for k in expected
+             if k in state and (not torch.is_tensor(state[k]) or tuple(state[k].shape) != expected[k])]
+    if missing or unexpected or wrong:
+        raise TinyMindError(f"{where}: weights do not match the config (missing {missing[:4]}, "
+                            f"unexpected {unexpected[:4]}, wrong shape {wrong[:4]})")
+
+
+def save_model(model: nn.Module, path, state_dict: dict | None = None, **extra) -> Path:
+    """Write config + weights to one file atomically; ``extra`` (stage=..., weight=...) is stored beside them.
+    ``state_dict`` replaces the model's own (e.g. a LoRA-merged base state dict with plain names)."""
+    model = unwrap_model(model)
+    state = {_clean_key(k): v for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
+    _check_state(state, _expected_shapes(model.config), f"save_model({path})")
+    clash = {"format", "config", "model"} & set(extra)
+    if clash:
+        raise TinyMindError(f"save_model: extra keys {sorted(clash)} are reserved")
+    return atomic_save({"format": FORMAT, "config": model.config.to_dict(), "model": state, **extra},
+                       repo_path(path))
+
+
+def load_model(path, device="cpu", dtype=None) -> tuple[TinyMindForCausalLM, dict]:
+    """Rebuild the model from the file alone (its own config), load the weights strictly, move/cast,
+    return (model in eval mode, the checkpoint dict)."""
+    path = repo_path(path)
+    ckpt = safe_load(path, "model checkpoint")
+    if ckpt.get("format") != FORMAT:
+        raise TinyMindError(f"{path} is not a TinyMind model checkpoint (format {ckpt.get('format')!r}, "
+                            f"expected {FORMAT!r})")
+    if not isinstance(ckpt.get("config"), dict) or not isinstance(ckpt.get("model"), dict):
+        raise TinyMindError(f"{path}: checkpoint lacks its 'config' or 'model' dict")
+    try:
+        cfg = TinyMindConfig.from_dict(ckpt["config"])
+    except (TinyMindError, TypeError) as e:
+        raise TinyMindError(f"{path}: bad config: {e}") from None
+    state = {_clean_key(k): v for k, v in ckpt["model"].items()}
+    _check_state(state, _expected_shapes(cfg), str(path))
+    model = TinyMindForCausalLM(cfg)
+    model.load_state_dict(state, strict=True)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return model.to(device=device, dtype=dtype).eval(), ckpt
+
+
+def state_fingerprint(state_dict: dict) -> str:
+    """16 hex digits identifying a set of weights: names, shapes and values rounded to bfloat16
+    (so an fp32 model and its bf16 copy agree; an fp16 copy does not)."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict, key=_clean_key):
+        t = state_dict[k]
+        if not torch.is_tensor(t):
+            continue
+        h.update(f"{_clean_key(k)}:{tuple(t.shape)};".encode())
+        h.update(t.detach().to("cpu", torch.bfloat16).reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

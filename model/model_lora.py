@@ -1,0 +1,411 @@
+"""LoRA (Low-Rank Adaptation), written out by hand.
+
+A frozen linear layer y = W x (W: [out, in]) learns a low-rank update instead of a new W:
+
+    y = W x + s * B (A x)        A: [r, in], B: [out, r], r << min(in, out)
+    s = alpha / r                (rsLoRA: s = alpha / sqrt(r))
+
+B starts at zero, so the wrapped model starts out computing exactly what the base model computed.
+Only A and B (r * (in + out) numbers per layer) are trained; W is never touched.
+
+What this file implements:
+- ``LoRAConfig``: rank, alpha, targets, dropout, rsLoRA and the init of A (a dataclass, saved in every LoRA file).
+- ``LoRALinear``: an explicit wrapper module around an ``nn.Linear`` (no patched ``forward``) holding any
+  number of named adapters; ``merge()`` / ``unmerge()`` fold the active ones into W (in fp32, idempotent).
+- ``apply_lora``: wrap the target layers (suffix list, ``all-linear`` or ``re:<regex>``), freeze the rest.
+- ``save_lora`` / ``load_lora``: self-describing adapter files, checked against the base model on load.
+- ``merge_lora`` / ``unmerge_lora`` / ``base_state_dict``: fold adapters in (no extra inference cost) and
+  get the weights back under the plain model's names, so a merged model needs no LoRA code at all.
+- ``set_active_adapters`` / ``disable_adapters`` / ``combine_adapters``: several adapters in one model.
+"""
+from __future__ import annotations
+
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model.common import TinyMindError, atomic_save, repo_path, safe_load
+from model.model import state_fingerprint, unwrap_model
+
+LORA_FORMAT = "tinymind-lora"
+DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+RUNTIME_ONLY_KEYS = ("dropout", "flash_attn")   # base-config keys that do not change the weights: not compared
+NAME_RE = r"[A-Za-z_][A-Za-z0-9_]*"             # adapter names become attribute names inside ParameterDict
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8                    # r: inner size of the update B @ A
+    alpha: float = 16.0              # scaling = alpha / r (or alpha / sqrt(r)): change r without retuning the lr
+    targets: str = DEFAULT_TARGETS   # comma list of module-name suffixes, "all-linear", or "re:<regex>" (fullmatch)
+    dropout: float = 0.0             # dropout on the LoRA branch's input only; the base path always sees clean x
+    use_rslora: bool = False         # rsLoRA: alpha / sqrt(r) keeps the update's size stable as r grows
+    init: str = "kaiming"            # init of A: "kaiming" (uniform, as nn.Linear) or "gaussian" (std 1/r)
+
+    def __post_init__(self):
+        if isinstance(self.targets, (list, tuple)):
+            self.targets = ",".join(self.targets)
+        for ok, rule in ((isinstance(self.rank, int) and self.rank >= 1, "rank must be a positive integer"),
+                         (0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)"),
+                         (self.init in ("kaiming", "gaussian"), "init must be 'kaiming' or 'gaussian'")):
+            if not ok:
+                raise TinyMindError(f"LoRA {rule}; got {self}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoRAConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TinyMindError(f"unknown LoRA config keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + sum over active adapters of scaling * B(A(dropout(x))); ``base`` stays frozen."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.base = base                       # the original layer; its weight keeps its values (and dtype)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.lora_A = nn.ParameterDict()       # adapter name -> [r, in]
+        self.lora_B = nn.ParameterDict()       # adapter name -> [out, r]
+        self.lora_dropout = nn.ModuleDict()    # adapter name -> Dropout or Identity
+        self.scaling: dict[str, float] = {}    # adapter name -> s
+        self.configs: dict[str, LoRAConfig] = {}
+        self.active: tuple[str, ...] = ()      # a tuple: torch.compile guards on it cheaply, no graph breaks
+        self.merged_adapters: tuple[str, ...] = ()   # the adapters now folded into base.weight
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def add_adapter(self, name: str, cfg: LoRAConfig, scaling: float | None = None):
+        w = self.base.weight
+        A = torch.empty(cfg.rank, self.in_features, device=w.device, dtype=w.dtype)
+        if cfg.init == "kaiming":  # same init nn.Linear gives its weight: U(-1/sqrt(in), 1/sqrt(in))
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        else:
+            nn.init.normal_(A, std=1.0 / cfg.rank)
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, cfg.rank, device=w.device, dtype=w.dtype))
+        drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = drop.train(self.training)   # a new module starts in train mode: follow ours
+        self.scaling[name] = cfg.scaling if scaling is None else scaling
+        self.configs[name] = cfg
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in) -> (..., out)
+        y = self.base(x)
+        if self.merged:  # the update already lives inside base.weight
+            return y
+        for name in self.active:
+            A, B = self.lora_A[name], self.lora_B[name]
+            h = self.lora_dropout[name](x).to(A.dtype)             # (..., in)
+            delta = F.linear(F.linear(h, A), B)                     # (..., r) -> (..., out)
+            y = y + (self.scaling[name] * delta).to(y.dtype)
+        return y
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The update this adapter adds to W, in fp32: s * B @ A, shape [out, in]."""
+        return self.scaling[name] * (self.lora_B[name].float() @ self.lora_A[name].float())
+
+    @torch.no_grad()
+    def merge(self):
+        """W <- W + sum of active deltas, summed in fp32 and cast once. A second call does nothing."""
+        if self.merged or not self.active:
+            return
+        w = self.base.weight
+        delta = sum(self.delta_weight(n) for n in self.active)
+        w.copy_((w.float() + delta).to(w.dtype))
+        self.merged_adapters = self.active
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Subtract the same fp32 delta ``merge`` added (an fp32 W comes back to within float rounding)."""
+        if not self.merged:
+            return
+        w = self.base.weight
+        delta = sum(self.delta_weight(n) for n in self.merged_adapters)
+        w.copy_((w.float() - delta).to(w.dtype))
+        self.merged_adapters = ()
+
+    def extra_repr(self) -> str:
+        ranks = {n: a.shape[0] for n, a in self.lora_A.items()}
+        return f"ranks={ranks}, active={self.active}, merged={self.merged}"
+
+
+# ----------------------------------------------------------------------------- finding and wrapping layers
+
+def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    """Every ``LoRALinear`` with its plain module name (DDP / torch.compile wrappers stripped)."""
+    return [(n, m) for n, m in unwrap_model(model).named_modules() if isinstance(m, LoRALinear)]
+
+
+def adapter_names(model: nn.Module, active_only: bool = False) -> tuple[str, ...]:
+    """Names of the loaded (or only the active) adapters, in the order they were added."""
+    names: dict[str, None] = {}
+    for _, m in lora_modules(model):
+        names.update(dict.fromkeys(m.active if active_only else m.lora_A))
+    return tuple(names)
+
+
+def find_targets(model: nn.Module, targets: str) -> list[str]:
+    """Module names ``targets`` selects; a suffix or regex that matches nothing is an error.
+
+    Candidates are the linear layers (or existing wrappers) except anything sharing an embedding's weight
+    (the tied lm_head) and ``lm_head`` itself: the vocabulary projection is never adapted.
+    """
+    core = unwrap_model(model)
+    tied = {id(m.weight) for m in core.modules() if isinstance(m, nn.Embedding)}
+    wrapped = {n for n, _ in lora_modules(core)}
+    cands = [n for n, m in core.named_modules() if n in wrapped or (
+        isinstance(m, nn.Linear) and n.rpartition(".")[0] not in wrapped and n != "lm_head" and id(m.weight) not in tied)]
+    if targets == "all-linear":
+        return cands
+    if targets.startswith("re:"):
+        try:
+            pattern = re.compile(targets[3:])
+        except re.error as e:
+            raise TinyMindError(f"LoRA targets {targets!r}: bad regex ({e})") from None
+        names = [n for n in cands if pattern.fullmatch(n)]
+        if not names:
+            raise TinyMindError(f"LoRA targets {targets!r} match no linear layer (names look like {cands[:2]})")
+        return names
+    names = []
+    for suffix in [t.strip() for t in targets.split(",") if t.strip()]:
+        hits = [n for n in cands if n == suffix or n.endswith("." + suffix)]
+        if not hits:
+            known = sorted({n.rpartition(".")[2] for n in cands})
+            raise TinyMindError(f"LoRA target {suffix!r} matches no linear layer; known: {', '.join(known)}")
+        names += [n for n in hits if n not in names]
+    return names
+
+
+def _require(model: nn.Module, what: str, names=()):
+    """Every name in ``names`` is a loaded adapter, and nothing is merged (else ``what`` is refused)."""
+    loaded = adapter_names(model)
+    for n in names:
+        if n not in loaded:
+            raise TinyMindError(f"no adapter named {n!r}; loaded: {', '.join(loaded) or 'none'}")
+    if any(m.merged for _, m in lora_modules(model)):
+        raise TinyMindError(f"cannot {what} while adapters are merged into the weights; call unmerge_lora(model) first")
+
+
+def _set_active(model: nn.Module, names: tuple[str, ...]):
+    for _, m in lora_modules(model):
+        m.active = tuple(n for n in names if n in m.lora_A)
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig | None = None, adapter_name: str = "default", **cfg_overrides) -> dict:
+    """Wrap the target layers with a new adapter ``adapter_name`` and freeze everything else.
+
+    ``cfg_overrides`` (rank=, alpha=, targets=, ...) replace fields of ``cfg``; ``None`` values are ignored, so
+    a script can pass its flags straight through. The new adapter joins the active ones and is the only
+    trainable tensor in the model. Call it before wrapping the model in DDP or torch.compile.
+    Returns ``dict(wrapped=[module names], trainable=int, total=int)``.
+    """
+    bad = set(cfg_overrides) - {f.name for f in fields(LoRAConfig)}
+    if bad:
+        raise TinyMindError(f"unknown LoRA option(s): {', '.join(sorted(bad))}")
+    cfg = replace(cfg or LoRAConfig(), **{k: v for k, v in cfg_overrides.items() if v is not None})
+    if not re.fullmatch(NAME_RE, adapter_name) or adapter_name in adapter_names(model):
+        raise TinyMindError(f"adapter name {adapter_name!r} is already loaded or not a valid name (letters, digits, _)")
+    _require(model, "add an adapter")
+    core = unwrap_model(model)
+    names = find_targets(core, cfg.targets)   # raises before anything is changed
+    active = adapter_names(core, active_only=True)
+    for name in names:
+        layer = core.get_submodule(name)
+        if not isinstance(layer, LoRALinear):  # swap the nn.Linear for a wrapper that holds it
+            parent, _, child = name.rpartition(".")
+            layer = LoRALinear(layer).train(layer.training)
+            setattr(core.get_submodule(parent), child, layer)
+        layer.add_adapter(adapter_name, cfg)
+    _set_active(core, active + (adapter_name,))
+    for n, p in core.named_parameters():       # train the new adapter only; base and older adapters stay frozen
+        p.requires_grad = n.endswith(f".lora_A.{adapter_name}") or n.endswith(f".lora_B.{adapter_name}")
+    trainable = sum(p.numel() for p in core.parameters() if p.requires_grad)
+    return dict(wrapped=names, trainable=trainable, total=sum(p.numel() for p in core.parameters()))
+
+
+# ----------------------------------------------------------------------------- switching, merging, combining
+
+def set_active_adapters(model: nn.Module, names):
+    """Choose which adapters run: a name, ``"a,b"``, a list of names, or ``None`` / ``"off"`` for none."""
+    if names is None or names == "off":
+        names = ()
+    elif isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    _require(model, "switch adapters", names)
+    _set_active(model, tuple(dict.fromkeys(names)))
+
+
+@contextmanager
+def disable_adapters(model: nn.Module):
+    """``with disable_adapters(model):`` runs the plain base model; the active adapters come back after."""
+    _require(model, "disable adapters")
+    saved = [(m, m.active) for _, m in lora_modules(model)]
+    try:
+        _set_active(model, ())
+        yield model
+    finally:
+        for m, active in saved:
+            m.active = active
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold the active adapters into the base weights: forward then costs what the plain model costs."""
+    for _, m in lora_modules(model):
+        m.merge()
+    return model
+
+
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    for _, m in lora_modules(model):
+        m.unmerge()
+    return model
+
+
+def combine_adapters(model: nn.Module, names, weights, new_name: str) -> str:
+    """Add adapter ``new_name`` whose update is exactly sum_i w_i * s_i * B_i @ A_i, and make it the active one.
+
+    Exact because the ranks are concatenated, not averaged (scaling of the new adapter: 1):
+        A_new = cat_i(A_i)              [sum r_i, in]
+        B_new = cat_i(w_i * s_i * B_i)  [out, sum r_i]    so B_new @ A_new = sum_i w_i * s_i * B_i @ A_i
+    A layer lacking one of the adapters gets zero rows / columns for it, so every layer has the same rank.
+    """
+    names, weights = list(names), [float(w) for w in weights]
+    if not names or len(names) != len(weights):
+        raise TinyMindError(f"combine_adapters: {len(names)} names but {len(weights)} weights")
+    if not re.fullmatch(NAME_RE, new_name) or new_name in adapter_names(model):
+        raise TinyMindError(f"combine_adapters: {new_name!r} is already loaded or not a valid name")
+    _require(model, "combine adapters", names)
+    mods = [(n, m) for n, m in lora_modules(model) if any(a in m.lora_A for a in names)]
+    ranks = [next(m.lora_A[a].shape[0] for _, m in mods if a in m.lora_A) for a in names]
+    # alpha = rank -> scaling 1; targets = the exact module names, so load_lora rebuilds the same layers
+    cfg = LoRAConfig(rank=sum(ranks), alpha=float(sum(ranks)), targets=",".join(n for n, _ in mods))
+    for _, m in mods:
+        dev = m.base.weight.device
+        As = [m.lora_A[a].detach().float() if a in m.lora_A else torch.zeros(r, m.in_features, device=dev)
+              for a, r in zip(names, ranks)]
+        Bs = [w * m.scaling[a] * m.lora_B[a].detach().float() if a in m.lora_A
+              else torch.zeros(m.out_features, r, device=dev) for a, w, r in zip(names, weights, ranks)]
+        m.add_adapter(new_name, cfg, scaling=1.0)
+        with torch.no_grad():
+            m.lora_A[new_name].copy_(torch.cat(As, dim=0))   # [sum r, in]
+            m.lora_B[new_name].copy_(torch.cat(Bs, dim=1))   # [out, sum r]
+        m.lora_A[new_name].requires_grad_(False)             # a combination is for inference: frozen
+        m.lora_B[new_name].requires_grad_(False)
+    _set_active(model, (new_name,))
+    return new_name
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base weights under the plain model's names ("...q_proj.base.weight" -> "...q_proj.weight")."""
+    core = unwrap_model(model)
+    wrapped = {n for n, _ in lora_modules(core)}
+    out = {}
+    for key, value in core.state_dict().items():
+        parts = key.rsplit(".", 2)                 # [module, "base" | "lora_A" | "lora_B", leaf]
+        if len(parts) == 3 and parts[0] in wrapped:
+            if parts[1] == "base":
+                out[f"{parts[0]}.{parts[2]}"] = value
+            continue                               # adapter tensors are not base weights
+        out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- files
+
+def save_lora(model: nn.Module, path, adapter_name: str = "default", **extra) -> Path:
+    """Write one adapter, atomically, as a dict that ``torch.load(weights_only=True)`` reads back:
+
+        {"format": "tinymind-lora", "lora_name": str, **extra, "lora_config": LoRAConfig.to_dict(),
+         "base_config": base TinyMindConfig.to_dict(), "base_fingerprint": 16 hex digits of the unmerged base,
+         "adapter": {"model.layers.0.self_attn.q_proj.lora_A": [r, in], "...q_proj.lora_B": [out, r], ...}}
+
+    Keys hold no adapter name and no DDP / compile prefix. ``lora_name`` defaults to ``adapter_name``;
+    the fixed keys come after ``**extra``, so extra metadata (step=, from_weight=) can never replace them.
+    """
+    _require(model, "save a LoRA file", [adapter_name])   # the fingerprint is of the *unmerged* base
+    core = unwrap_model(model)
+    mods = [(n, m) for n, m in lora_modules(core) if adapter_name in m.lora_A]
+    adapter = {f"{n}.lora_{ab}": getattr(m, f"lora_{ab}")[adapter_name].detach().cpu().clone()
+               for n, m in mods for ab in "AB"}
+    return atomic_save({"format": LORA_FORMAT, "lora_name": adapter_name, **extra,
+                        "lora_config": mods[0][1].configs[adapter_name].to_dict(),
+                        "base_config": core.config.to_dict(),
+                        "base_fingerprint": state_fingerprint(base_state_dict(core)),
+                        "adapter": adapter}, repo_path(path))
+
+
+def _check_base(core: nn.Module, obj: dict, path: Path):
+    """Refuse a LoRA file trained on another base model: other config, or same config with other weights."""
+    mine, theirs = core.config.to_dict(), obj["base_config"]
+    diff = [k for k in sorted(set(mine) | set(theirs)) if k not in RUNTIME_ONLY_KEYS and mine.get(k) != theirs.get(k)]
+    if diff:
+        what = ", ".join(f"{k} {theirs.get(k)!r} vs {mine.get(k)!r}" for k in diff[:4])
+        raise TinyMindError(f"{path} was made for another base model (file vs model: {what}); force=True loads it anyway")
+    _require(core, "check a LoRA file against the base weights")
+    fp = state_fingerprint(base_state_dict(core))
+    if fp != obj["base_fingerprint"]:
+        raise TinyMindError(f"{path} was trained on other base weights (fingerprint {obj['base_fingerprint']} vs {fp}: "
+                            f"same config, another checkpoint); force=True loads it anyway")
+
+
+def load_lora(model: nn.Module, path, adapter_name: str | None = None, force: bool = False) -> str:
+    """Add the adapter stored in ``path`` (rank, alpha, targets come from the file) and return its name.
+
+    Everything is checked before the model is touched: the format; that the file fits this base model (same
+    config and weight fingerprint; ``force=True`` skips only this check); and that its keys and shapes are
+    exactly those its targets produce on this model (no silent partial loads). The adapter joins the
+    active ones and, like a new one from ``apply_lora``, is the only trainable tensor (so training can go on).
+    """
+    path = repo_path(path)
+    obj = safe_load(path, "LoRA file")
+    if obj.get("format") != LORA_FORMAT:
+        hint = " (it is a full model checkpoint: pass it as --weight)" if obj.get("format") == "tinymind-model" else ""
+        raise TinyMindError(f"{path} is not a TinyMind LoRA file (format {obj.get('format')!r}){hint}")
+    bad = [k for k, t in (("lora_config", dict), ("base_config", dict), ("base_fingerprint", str), ("adapter", dict))
+           if not isinstance(obj.get(k), t)]
+    if bad:
+        raise TinyMindError(f"{path}: LoRA file lacks (or has a malformed) {', '.join(bad)}")
+    core = unwrap_model(model)
+    try:
+        cfg = LoRAConfig.from_dict(obj["lora_config"])
+        if not force:
+            _check_base(core, obj, path)
+        names = find_targets(core, cfg.targets)
+    except TinyMindError as e:
+        raise TinyMindError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+    state, expected = obj["adapter"], {}
+    for n in names:
+        layer = core.get_submodule(n)
+        expected[f"{n}.lora_A"] = (cfg.rank, layer.in_features)    # [r, in]
+        expected[f"{n}.lora_B"] = (layer.out_features, cfg.rank)   # [out, r]
+    for label, keys in (("missing", sorted(set(expected) - set(state))), ("unknown", sorted(set(state) - set(expected)))):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            raise TinyMindError(f"{path}: {len(keys)} {label} adapter keys: {', '.join(keys[:3])}{more}")
+    for key, shape in expected.items():
+        if not torch.is_tensor(state[key]) or tuple(state[key].shape) != shape:
+            got = tuple(state[key].shape) if torch.is_tensor(state[key]) else type(state[key]).__name__
+            raise TinyMindError(f"{path}: {key} has shape {got}, expected {shape} (rank {cfg.rank})")
+    name = adapter_name or obj.get("lora_name") or path.stem
+    apply_lora(core, cfg, adapter_name=name)
+    with torch.no_grad():
+        for n in names:
+            core.get_submodule(n).lora_A[name].copy_(state[f"{n}.lora_A"])
+            core.get_submodule(n).lora_B[name].copy_(state[f"{n}.lora_B"])
+    return name
