@@ -41,15 +41,18 @@ CHAT_HELP = """commands:
   /help             this text
   /exit             quit (Ctrl-D and Ctrl-C quit too)"""
 
-# --mode auto: a few general questions, the identity questions LoRA changes, and a medical one.
+# --mode auto: general questions about the demo world, the identity questions lora_identity changes,
+# and medical questions for lora_medical.
 DEMO_PROMPTS = [
-    "你好，请介绍一下你自己。",
-    "中国的首都是哪里？",
-    "一年有几个季节？",
+    "熊猫爱吃什么？",
+    "西安有什么特色美食？",
+    "企鹅生活在哪里？",
     "你是谁？",
-    "你叫什么名字？是谁开发了你？",
-    "感冒了应该注意什么？",
+    "谁开发了你？",
+    "感冒有什么症状？",
+    "感冒应该挂什么科？",
 ]
+PRETRAIN_PROMPTS = ["熊猫爱吃", "北京最有名的景点是", "长颈鹿的特点是"]  # a pretrain checkpoint continues text
 
 
 def parse_args(argv=None):
@@ -106,9 +109,13 @@ def pick_hidden(args, save_dir: Path) -> int:
 
 
 def pick_device(device: str, dtype: str):
+    """--device/--dtype -> (device, torch dtype): auto = cuda -> mps -> cpu; bf16/fp16 on a GPU, fp32 on CPU."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if dtype == "auto":  # halve the bytes read per token on a GPU; CPU matmuls are fastest in fp32
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.split(":")[0]):
+        raise TinyMindError(f"--device {device}: not available here (auto, cpu, cuda, cuda:1, mps)")
+    if dtype == "auto":  # a GPU reads half the bytes per token in 16 bits; CPU matmuls are fastest in fp32
         dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.startswith("cuda") else "float32"
     return device, getattr(torch, dtype)
 
@@ -121,7 +128,8 @@ class Session:
         save_dir, shown = repo_path(args.save_dir), args.save_dir.rstrip("/") or "."
         path = find_file(save_dir, shown, args.weight, pick_hidden(args, save_dir))
         self.device, dtype = pick_device(args.device, args.dtype)
-        self.model, ckpt = load_model(path, device=self.device, dtype=dtype)
+        # Load in fp32 and cast only after the LoRA files are checked against the base weights and merged.
+        self.model, ckpt = load_model(path, device=self.device)
         cfg = self.model.config
         for flag in ("hidden_size", "num_hidden_layers"):
             value = getattr(args, flag)
@@ -141,11 +149,10 @@ class Session:
             load_lora(self.model, find_file(save_dir, shown, name, cfg.hidden_size), adapter_name=name)
         if self.adapters:
             set_active_adapters(self.model, self.adapters)
-        self.merged = bool(self.adapters) and args.merge
+        self.active, self.merged = list(self.adapters), args.merge
         if self.merged:
             merge_lora(self.model)
-        self.active = list(self.adapters)
-        self.model.eval()
+        self.model.to(dtype).eval()
         self.history = []  # [(user, assistant), ...], oldest first
         lora = f", LoRA {','.join(self.adapters)}{' (merged)' if self.merged else ''}" if self.adapters else ""
         print(f"loaded {shown}/{path.name}: stage {stage}, {self.model.num_parameters() / 1e6:.2f}M params, "
@@ -202,36 +209,36 @@ class Session:
                 repetition_penalty=self.args.repetition_penalty, eos_token_id=self.tok.eos_id, streamer=on_token)
         seconds = time.perf_counter() - t0
         new_ids = out[0, len(ids):].tolist()
-        reply = self.tok.decode(new_ids)
+        reply = self.tok.decode(new_ids).rstrip("\ufffd")  # a character cut by max_new_tokens is dropped
         if stream is not None and reply.startswith(shown):
             stream.write(reply[len(shown):])  # whatever the last tokens completed
             stream.flush()
         return reply, len(new_ids), seconds
 
     def switch_adapter(self, arg: str) -> str:
-        loaded = ", ".join(self.adapters) or "none"
-        if not arg:
-            return f"loaded adapters: {loaded}; active: {', '.join(self.active) or 'none (base model)'}"
-        if not self.adapters:
+        """/adapter: show, or choose which loaded adapters run ("off" = the base model alone)."""
+        if arg and not self.adapters:
             return "no LoRA adapter loaded (start with --lora_weight NAME)"
-        if self.merged:
+        if arg and self.merged:
             return "the adapters are merged into the weights (--merge): restart without --merge to switch"
-        names = None if arg == "off" else [n.strip() for n in arg.split(",") if n.strip()]
-        unknown = [n for n in names or [] if n not in self.adapters]
-        if unknown:
-            return f"unknown adapter {', '.join(unknown)}; loaded: {loaded}"
-        set_active_adapters(self.model, names)
-        self.active = names or []
-        return f"active adapters: {', '.join(self.active) or 'none (base model)'}"
+        if arg:
+            names = [] if arg == "off" else list(dict.fromkeys(n.strip() for n in arg.split(",") if n.strip()))
+            try:
+                set_active_adapters(self.model, names)
+            except TinyMindError as e:
+                return str(e)
+            self.active = names
+        active = ", ".join(self.active) or "none (base model)"
+        return f"loaded adapters: {', '.join(self.adapters) or 'none'}; active: {active}"
 
 
 def speed(n: int, seconds: float) -> str:
     return f"[{n} tokens, {n / max(seconds, 1e-9):.1f} tokens/s]"
 
 
-def reply_to(session, text: str, label: str = "Assistant: "):
+def reply_to(session, text: str) -> str:
     """One streamed (or printed) reply on stdout, followed by the tokens/s line."""
-    sys.stdout.write(label)
+    sys.stdout.write("Assistant: ")
     reply, n, seconds = session.answer(text, stream=sys.stdout if session.args.stream else None)
     if not session.args.stream:
         sys.stdout.write(reply)
@@ -240,8 +247,12 @@ def reply_to(session, text: str, label: str = "Assistant: "):
 
 
 def chat_loop(session) -> None:
-    """Interactive chat: input() per turn; commands start with '/'; Ctrl-D / Ctrl-C quit."""
+    """Interactive chat: input() per turn; commands start with '/'; Ctrl-D quits (Ctrl-C: see main)."""
     kind = f"history {session.args.history} turns" if session.chat else "pretrain checkpoint: plain continuation"
+    try:
+        import readline  # noqa: F401  (line editing and arrow keys in input(), where available)
+    except ImportError:
+        pass
     print(f"TinyMind chat ({kind}); /help for commands, /exit to quit")
     try:
         while True:
@@ -267,7 +278,7 @@ def chat_loop(session) -> None:
                         session.history = (session.history + [(line, reply)])[-session.args.history:]
                 except TinyMindError as e:  # e.g. a prompt longer than the context: say so, keep chatting
                     print(f"\nerror: {e}")
-    except (EOFError, KeyboardInterrupt):
+    except EOFError:
         print()
 
 
@@ -275,25 +286,29 @@ def main(argv=None):
     args = parse_args(argv)
     if args.max_new_tokens < 1 or args.history < 0:
         raise TinyMindError("--max_new_tokens must be >= 1 and --history >= 0")
+    if args.merge and not args.lora_weight:
+        raise TinyMindError("--merge needs --lora_weight NAME (the adapters to merge)")
     session = Session(args)
-    if args.prompt is not None:  # answer once; stdout holds only the reply, the speed goes to stderr
-        reply, n, seconds = session.answer(args.prompt, stream=sys.stdout if args.stream else None)
-        print("" if args.stream else reply, flush=True)
-        print(speed(n, seconds), file=sys.stderr)
-    elif args.mode == "auto":
-        for text in DEMO_PROMPTS:
-            print(f"User: {text}")
-            reply_to(session, text)
-            print()
-    elif not sys.stdin.isatty():
-        # Scripts: every input line is one independent prompt and gets exactly one output line
-        # (newlines inside a reply are written as "\n"; a blank input line gets a blank output line).
-        for line in sys.stdin:
-            line = line.strip()
-            reply = session.answer(line)[0] if line else ""
-            print(reply.replace("\n", "\\n"), flush=True)
-    else:
-        chat_loop(session)
+    try:
+        if args.prompt is not None:  # answer once; stdout holds only the reply, the speed goes to stderr
+            reply, n, seconds = session.answer(args.prompt, stream=sys.stdout if args.stream else None)
+            print("" if args.stream else reply, flush=True)
+            print(speed(n, seconds), file=sys.stderr)
+        elif args.mode == "auto":
+            for text in DEMO_PROMPTS if session.chat else PRETRAIN_PROMPTS:
+                print(f"User: {text}")
+                reply_to(session, text)
+                print()
+        elif not sys.stdin.isatty():
+            # Scripts: every input line is one independent prompt and gets exactly one output line
+            # (newlines inside a reply are written as "\n"; a blank input line gets a blank output line).
+            for line in sys.stdin:
+                line = line.strip()
+                print((session.answer(line)[0] if line else "").replace("\n", "\\n"), flush=True)
+        else:
+            chat_loop(session)
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly, no traceback
+        print(file=sys.stderr)
     return 0
 
 

@@ -88,7 +88,8 @@ def get_config(preset: str = "tiny", **overrides) -> TinyMindConfig:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 (a bf16 sum of squares loses precision) and cast back."""
+    """x / rms(x) * weight; bf16/fp16 inputs are normalised in fp32 (a half-precision mean of squares
+    loses precision) and cast back."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -96,8 +97,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # F.rms_norm(h) = h * rsqrt(mean(h^2, -1) + eps), one fused call (this runs twice per layer per token)
-        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+        # F.rms_norm(x, ..., w, eps) = x * rsqrt(mean(x^2, -1) + eps) * w in one call (runs 2x per layer per token)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
 def rope_tables(head_dim: int, max_pos: int, theta: float):
@@ -148,7 +151,6 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
         self.dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
         self.flash = cfg.flash_attn
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0):
@@ -182,7 +184,7 @@ class Attention(nn.Module):
             att = F.dropout(F.softmax(att.float(), dim=-1).to(q.dtype), p)
             y = att @ v                                                            # (B, nh, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)          # (B, T, C)
-        return self.resid_dropout(self.o_proj(y))
+        return F.dropout(self.o_proj(y), self.dropout, self.training)   # residual dropout
 
 
 class MLP(nn.Module):
@@ -193,10 +195,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
-    def forward(self, x):
-        return self.dropout(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+    def forward(self, x):                                               # (B, T, C)
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)                  # (B, T, intermediate_size)
+        return F.dropout(self.down_proj(h), self.dropout, self.training)  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -221,7 +224,7 @@ class TinyMindModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         cos, sin = rope_tables(cfg.hidden_size // cfg.num_attention_heads, cfg.max_position_embeddings,
@@ -241,22 +244,23 @@ class TinyMindModel(nn.Module):
         if attention_mask is not None and attention_mask.shape != (B, S):
             raise TinyMindError(f"attention_mask must be (batch, start_pos + T) = {(B, S)}, "
                                 f"got {tuple(attention_mask.shape)}")
-        mask = None
+        # Masks, built once per forward and shared by every layer. mask=None means plain causal attention
+        # (or none at all for a single new token, which may see every cached key).
+        mask, dev = None, input_ids.device
         if attention_mask is None:
             cos, sin = self.rope_cos[start_pos:S], self.rope_sin[start_pos:S]       # (T, hd)
-            if start_pos > 0 and T > 1:   # a chunk after cached tokens: causal, offset by start_pos
-                mask = torch.arange(S, device=input_ids.device) <= torch.arange(start_pos, S, device=input_ids.device)[:, None]
+            if start_pos > 0 and T > 1:   # a chunk after cached tokens: causal, shifted by start_pos
+                mask = torch.arange(S, device=dev) <= torch.arange(start_pos, S, device=dev)[:, None]  # (T, S)
         else:
             # left padding: a row's positions count only its real tokens, so "<pad><pad>Hi" == "Hi"
-            valid = attention_mask.bool()                                         # (B, S)
-            pos = (attention_mask.long().cumsum(-1)[:, start_pos:] - 1).clamp(min=0)  # (B, T)
+            pos = (attention_mask.long().cumsum(-1)[:, start_pos:] - 1).clamp(min=0)   # (B, T)
             cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, hd)
-            k_idx = torch.arange(S, device=input_ids.device)
-            q_idx = torch.arange(start_pos, S, device=input_ids.device)[:, None]  # (T, 1)
+            k_idx = torch.arange(S, device=dev)                                    # (S,) key positions
+            q_idx = torch.arange(start_pos, S, device=dev)[:, None]                # (T, 1) query positions
             # causal and not a pad key; a pad query may see itself so no softmax row is all -inf (NaN)
-            mask = ((k_idx <= q_idx) & valid[:, None, :]) | (k_idx == q_idx)      # (B, T, S)
-            mask = mask.unsqueeze(1)                                              # (B, 1, T, S)
-        x = self.dropout(self.embed_tokens(input_ids))                            # (B, T, C)
+            mask = ((k_idx <= q_idx) & attention_mask.bool()[:, None, :]) | (k_idx == q_idx)  # (B, T, S)
+            mask = mask.unsqueeze(1)                                               # (B, 1, T, S)
+        x = F.dropout(self.embed_tokens(input_ids), self.dropout, self.training)  # (B, T, C)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, kv_cache, i, start_pos)
         return self.norm(x)
@@ -322,7 +326,11 @@ class TinyMindForCausalLM(nn.Module):
         if T >= ctx:
             raise TinyMindError(f"prompt has {T} tokens but the context is {ctx} (max_position_embeddings); "
                                 f"shorten it to at most {ctx - 1} tokens")
+        if attention_mask is not None and (attention_mask.shape != (B, T) or not bool(attention_mask[:, -1].all())):
+            raise TinyMindError(f"attention_mask must be ({B}, {T}) with padding on the left (last column all 1)")
         max_new = max(0, min(max_new_tokens, ctx - T))        # stop at the context limit
+        if max_new == 0:
+            return input_ids.clone()
         seq = input_ids.new_full((B, T + max_new), pad_token_id)   # prompt + every token we will write
         seq[:, :T] = input_ids
         mask = None

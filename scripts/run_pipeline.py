@@ -58,6 +58,8 @@ ORDER = ("pretrain", "sft", "lora_identity", "lora_medical", "eval")
 def stage_command(stage: str, recipe: list[str], args, hidden: int) -> tuple[list[str], Path | None]:
     """The command line of one stage and the file whose existence marks it done."""
     common = ["--save_dir", str(args.save_dir), "--device", args.device]
+    if stage != "pretrain":   # several presets may share a save_dir: name the size explicitly
+        common += ["--hidden_size", str(hidden)]
     if stage == "pretrain":
         return (["trainer/train_pretrain.py", "--weight", "pretrain", "--data_path", "dataset/pretrain_demo.jsonl"]
                 + common + recipe, args.save_dir / f"pretrain_{hidden}.pth")
@@ -67,8 +69,16 @@ def stage_command(stage: str, recipe: list[str], args, hidden: int) -> tuple[lis
     if stage.startswith("lora_"):
         return (["trainer/train_lora.py", "--from_weight", "full_sft", "--lora_name", stage,
                  "--data_path", f"dataset/{stage}.jsonl"] + common + recipe, args.save_dir / f"{stage}_{hidden}.pth")
-    return (["scripts/evaluate.py", "--weight", "full_sft", "--compare", "1", "--hidden_size", str(hidden)]
-            + common + recipe, None)
+    return (["scripts/evaluate.py", "--weight", "full_sft", "--compare", "1"] + common + recipe, None)
+
+
+def unfinished_resume(done: Path) -> Path | None:
+    """The stage's resume file if it records an unfinished run (weights are also saved mid-run)."""
+    resume = done.with_name(done.stem + "_resume.pth")
+    if not resume.exists():
+        return None
+    from model.common import safe_load
+    return None if safe_load(resume, "resume file").get("finished", False) else resume
 
 
 def preset_hidden(preset: str) -> int:
@@ -127,15 +137,14 @@ def main(argv=None):
             continue
         cmd, done = stage_command(stage, recipe[stage], args, hidden)
         # Evaluation always runs; a stage is skipped only when nothing before it was retrained.
-        if stage != "eval" and done.exists() and not (args.force or upstream_ran):
+        resume = None if (stage == "eval" or args.force or upstream_ran) else unfinished_resume(done)
+        if resume is not None:
+            print(f"[pipeline] {stage}: {resume.name} records an unfinished run, continuing it", flush=True)
+            cmd += ["--from_resume", "1"]
+        elif stage != "eval" and done.exists() and not (args.force or upstream_ran):
             print(f"[pipeline] {stage}: {done.name} exists, skipped (use --force to rerun)", flush=True)
             timings[stage] = None
             continue
-        if stage != "eval":
-            resume = done.with_name(done.stem + "_resume.pth")
-            if resume.exists() and not (args.force or upstream_ran):
-                print(f"[pipeline] {stage}: found {resume.name}, continuing the interrupted run", flush=True)
-                cmd += ["--from_resume", "1"]
         print(f"[pipeline] {stage}: start  python {' '.join(cmd)}", flush=True)
         timings[stage] = run_stage(cmd, args.save_dir / f"pipeline_{stage}.log")
         upstream_ran = upstream_ran or stage in ("pretrain", "sft")

@@ -13,6 +13,15 @@ from model.model import (KVCache, PRESETS, TinyMindConfig, TinyMindForCausalLM, 
                          save_model, state_fingerprint, unwrap_model)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is as fast, and immune to a busy second core."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_model(seed=0, **overrides):
     torch.manual_seed(seed)
     return TinyMindForCausalLM(get_config("smoke", **overrides)).eval()
@@ -60,14 +69,15 @@ def test_parameter_names_are_llama_names():
 
 
 # ----------------------------------------------------------------------------- forward
-def test_causality():
-    m, ids = make_model(), rand_ids(2, 16)
+@pytest.mark.parametrize("flash", [True, False])
+def test_causality(flash):
+    m, ids = make_model(flash_attn=flash), rand_ids(2, 16)
     changed = ids.clone()
-    changed[:, 10] = (changed[:, 10] + 7) % 6400
+    changed[:, 10] = (changed[:, 10] + 7) % 6400   # change token 10 only
     with torch.no_grad():
         a, b = m(ids).logits, m(changed).logits
-    assert torch.equal(a[:, :10], b[:, :10])
-    assert not torch.allclose(a[:, 10:], b[:, 10:])
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6, rtol=0)   # earlier positions cannot see it
+    assert not torch.allclose(a[:, 10:], b[:, 10:], atol=1e-3)
 
 
 def test_loss_is_shifted_and_ignores_minus_100():
@@ -103,10 +113,12 @@ def test_sdpa_equals_manual_attention():
         assert torch.allclose(fast(ids).logits, slow(ids).logits, atol=1e-5, rtol=0)
         assert torch.allclose(fast(ids, attention_mask=mask).logits, slow(ids, attention_mask=mask).logits,
                               atol=1e-5, rtol=0)
-        for m in (fast, slow):
-            m.cache = KVCache(2, 18)
-            m.step = [m(ids[:, :16], kv_cache=m.cache).logits, m(ids[:, 16:], kv_cache=m.cache, start_pos=16).logits]
-        assert torch.allclose(torch.cat(fast.step, 1), torch.cat(slow.step, 1), atol=1e-5, rtol=0)
+        stepped = []
+        for m in (fast, slow):   # prefill, then one cached decoding step (the grouped-query fast path)
+            cache = KVCache(2, 18)
+            stepped.append(torch.cat([m(ids[:, :16], kv_cache=cache).logits,
+                                      m(ids[:, 16:], kv_cache=cache, start_pos=16).logits], 1))
+        assert torch.allclose(stepped[0], stepped[1], atol=1e-5, rtol=0)
 
 
 def reference_attention(attn, x, theta):
@@ -161,10 +173,14 @@ def test_left_padding_forward_equals_prompt_alone():
 @pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
 def test_rmsnorm_runs_in_fp32(model_dtype):
     norm = make_model().model.norm.to(model_dtype)
-    x = (torch.randn(3, 64) * 100).to(model_dtype)
-    ref = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.eps)
-    assert norm(x).dtype == model_dtype
-    assert torch.allclose(norm(x).float(), (norm.weight.float() * ref.to(model_dtype).float()), atol=1e-2)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = (torch.randn(3, 64, generator=torch.Generator().manual_seed(0)) * 100).to(model_dtype)
+    ref = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + norm.eps) * norm.weight.float()
+    y = norm(x)
+    assert y.dtype == model_dtype
+    assert torch.allclose(y.float(), ref.to(model_dtype).float(), rtol=1e-2 if model_dtype != torch.float32 else 1e-5,
+                          atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- generate
@@ -291,7 +307,7 @@ def test_load_refuses_bad_files(tmp_path, monkeypatch):
     (tmp_path / "text.pth").write_text("not a checkpoint\n")
     marker = tmp_path / "pwned"
     monkeypatch.setenv("TINYMIND_MARKER", str(marker))
-    (tmp_path / "evil_raw.pth").write_bytes(pickle.dumps({"format": "tinymind-model", "x": Evil()}))
+    (tmp_path / "evil_raw.pth").write_bytes(pickle.dumps({"format": "tinymind-model", "x": Evil()}, protocol=2))
     torch.save({"format": "tinymind-model", "config": {}, "model": Evil()}, tmp_path / "evil_zip.pth")
     for name in ["truncated.pth", "text.pth", "evil_raw.pth", "evil_zip.pth", "missing.pth"]:
         with pytest.raises(TinyMindError):

@@ -1,0 +1,903 @@
+"""Generate TinyMind's shipped demo data: one small, closed world, written out in MiniMind's formats.
+
+What this script implements:
+
+- ``build_world``: draws the people of the demo world (name, gender, six attributes from small closed
+  sets) and splits them into a training split and a ``pretrain_only`` split whose facts are never
+  asked in SFT; collects every (subject, attribute, value) fact of people and real-world entities.
+- ``plan_questions``: 8 question phrasings per attribute, 2 of them held out for evaluation.
+- ``make_pretrain``: biographies (shuffled sentence order, several phrasings per fact), person cards,
+  encyclopedia entries, stories with cause and effect, dialogues, number facts, and a literacy section
+  ("识字") that makes sure every character used by the chat files also occurs in pretraining.
+- ``make_sft``: fact Q&A (training split, training phrasings), greetings and small talk, the base
+  persona "TinyMind", simple instructions (arithmetic, counting, lists, antonyms, repeat), multi-turn
+  conversations and conversations with a system turn.
+- ``make_lora_identity`` / ``make_lora_medical``: the new persona ("知微", 青禾实验室) and the medical
+  table of dataset/world_medical.py, each with a replay share of general SFT conversations.
+- ``make_eval``: dataset/eval/{general_qa,identity,medical_qa}.jsonl, held-out phrasings and facts.
+- ``stats``: sizes and counts printed at the end (the numbers in dataset/README.md come from it).
+
+Everything is drawn from ``random.Random`` objects seeded from ``--seed`` and written with sorted
+iteration and ``json.dumps(ensure_ascii=False)``, so the same seed gives byte-identical files.
+
+    python dataset/make_demo_data.py                       # writes dataset/*.jsonl and dataset/eval/
+    python dataset/make_demo_data.py --seed 7 --out_dir /tmp/demo   # another world, elsewhere
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+
+import argparse
+import gzip
+import json
+import random
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from dataset import demo_world as W
+from dataset import world_chat as C
+from dataset import world_medical as M
+from dataset import world_stories as S
+from model.common import TinyMindError, repo_path, run_main
+
+FILES = ("pretrain_demo.jsonl", "sft_demo.jsonl", "lora_identity.jsonl", "lora_medical.jsonl",
+         "eval/general_qa.jsonl", "eval/identity.jsonl", "eval/medical_qa.jsonl")
+
+
+# ----------------------------------------------------------------------------- sizes
+
+@dataclass
+class Sizes:
+    """How much of each kind of text to write. Defaults give a ~6 MB pretraining file."""
+    bios_per_person: int = 64          # biography documents per person (each states 3-6 of 6 facts)
+    cards_per_person: int = 4          # "person card" documents per person
+    entries_per_entity: int = 30       # encyclopedia documents per real-world entity
+    people_stories: int = 7500
+    animal_stories: int = 1200
+    everyday_story_repeats: int = 6    # each fixed everyday story appears this many times
+    dialogues: int = 5000
+    season_dialogues: int = 200
+    chat_dialogues: int = 2000         # greetings and small talk between people
+    classroom: int = 2000              # teacher/pupil exchanges with instruction-style questions
+    ai_paragraph_repeats: int = 40     # each paragraph about computers/AI/language models
+    list_docs: int = 1000               # "animals that live on the grassland: ..." style documents
+    number_docs: int = 2400
+    min_char_count: int = 16           # every character of the chat files occurs >= this often in pretraining
+    # SFT
+    sft_world_questions_per_fact: int = 6
+    sft_person_questions_per_fact: int = 6
+    sft_yes_no: int = 700
+    sft_bios: int = 360
+    sft_persona: int = 1500
+    sft_greetings: int = 500
+    sft_small_talk: int = 500
+    sft_instructions: int = 2600
+    sft_multi_turn: int = 1500
+    sft_stories: int = 200
+    system_share: float = 0.1          # share of single-turn SFT conversations that get a system turn
+    # LoRA
+    identity_convs: int = 600
+    identity_replay_share: float = 0.25
+    medical_replay_share: float = 0.2
+    # eval
+    eval_heldout_people: int = 90
+    eval_heldout_world: int = 60
+    eval_pretrain_only: int = 50
+    eval_medical: int = 150
+
+
+# ----------------------------------------------------------------------------- world
+
+@dataclass
+class Fact:
+    subject: str
+    category: str          # "person" or a Category.key
+    attr: W.Attribute
+    value: object
+    split: str = "train"   # "train" or "pretrain_only"
+    extras: dict = field(default_factory=dict)   # subject-level template fields, e.g. {"p": "她"}
+
+    def fields(self, value=None) -> dict:
+        value = self.value if value is None else value
+        return {"s": self.subject, "v": W.value_phrase(value), **self.extras, **W.value_extras(value)}
+
+    def render(self, template: str, value=None) -> str:
+        return template.format(**self.fields(value))
+
+    @property
+    def answer(self) -> str:
+        return self.render(self.attr.answer)
+
+    @property
+    def keys(self) -> list[str]:
+        return W.value_keys(self.value)
+
+
+@dataclass
+class World:
+    people: list            # dicts: name, gender, p (pronoun), split, attrs {key: value}
+    facts: list             # Fact, people first, then real-world entities
+    domains: dict           # (category, attr key) -> list of distinct values (for ambiguity checks)
+    questions: dict         # (category, attr key) -> (train templates, held-out templates)
+
+    def people_in(self, split):
+        return [p for p in self.people if p["split"] == split]
+
+    def facts_of(self, subject):
+        return [f for f in self.facts if f.subject == subject]
+
+
+def build_people(rng: random.Random) -> list[dict]:
+    """NUM_PEOPLE people with unique given names; attribute values dealt evenly from each closed set."""
+    names = [(g, "F") for g in W.GIVEN_NAMES_F] + [(g, "M") for g in W.GIVEN_NAMES_M]
+    rng.shuffle(names)
+    names = names[:W.NUM_PEOPLE]
+    people, used = [], set()
+    for given, gender in names:
+        while True:
+            full = rng.choice(W.SURNAMES) + given
+            if full not in used:
+                used.add(full)
+                break
+        people.append({"name": full, "gender": gender, "p": W.PRONOUN[gender], "attrs": {}})
+    for key, values in W.PERSON_VALUES.items():
+        # Deal values like cards so each value is used about equally often (no majority answer).
+        deck = []
+        while len(deck) < len(people):
+            round_ = list(values)
+            rng.shuffle(round_)
+            deck += round_
+        for person, value in zip(people, deck):
+            person["attrs"][key] = value
+    n_heldout = round(W.NUM_PEOPLE * W.PRETRAIN_ONLY_SHARE)
+    for i, person in enumerate(people):
+        person["split"] = "pretrain_only" if i < n_heldout else "train"
+    people.sort(key=lambda p: p["name"])
+    return people
+
+
+def plan_questions(rng: random.Random) -> dict:
+    """(category, attr) -> (training phrasings, held-out phrasings): 8 per attribute, 2 held out."""
+    plan, index = {}, 0
+    groups = [("person", W.PERSON_ATTRS)] + [(c.key, c.attrs) for c in W.CATEGORIES]
+    for cat, attrs in groups:
+        for attr in attrs:
+            own = list(attr.questions)
+            generic = []
+            if attr.noun:
+                start = index % len(W.GENERIC_QUESTIONS)   # rotate so attributes use different generic shapes
+                rotated = W.GENERIC_QUESTIONS[start:] + W.GENERIC_QUESTIONS[:start]
+                generic = [g.replace("{n}", attr.noun) for g in rotated]
+            index += 1
+            templates = list(dict.fromkeys(own + generic))[:W.QUESTIONS_PER_ATTRIBUTE]
+            own_part = [t for t in templates if t in own]
+            gen_part = [t for t in templates if t not in own]
+            if gen_part:   # hold out one attribute-specific and one generic phrasing
+                held = [rng.choice(own_part), rng.choice(gen_part)]
+            else:
+                held = rng.sample(templates, W.HELDOUT_PER_ATTRIBUTE)
+            plan[(cat, attr.key)] = ([t for t in templates if t not in held], held)
+    return plan
+
+
+def build_world(seed: int) -> World:
+    rng = random.Random(f"{seed}-world")
+    people = build_people(rng)
+    facts, domains = [], {}
+    for attr in W.PERSON_ATTRS:
+        domains[("person", attr.key)] = list(W.PERSON_VALUES[attr.key])
+    for person in people:
+        for attr in W.PERSON_ATTRS:
+            facts.append(Fact(person["name"], "person", attr, person["attrs"][attr.key], person["split"],
+                              {"p": person["p"]}))
+    for cat in W.CATEGORIES:
+        for attr in cat.attrs:
+            seen = {}
+            for name in sorted(cat.entities):
+                value = cat.entities[name].get(attr.key)
+                if value is not None:
+                    seen.setdefault(W.value_phrase(value), value)
+                    facts.append(Fact(name, cat.key, attr, value, "train", {"p": "它"}))
+            domains[(cat.key, attr.key)] = [seen[k] for k in sorted(seen)]
+    return World(people, facts, domains, plan_questions(rng))
+
+
+def is_ambiguous(fact: Fact, world: World) -> bool:
+    """True when a wrong answer (another value of the same attribute) would still contain a keyword."""
+    own = set(fact.keys)
+    for other in world.domains[(fact.category, fact.attr.key)]:
+        if set(W.value_keys(other)) & own or W.value_phrase(other) == W.value_phrase(fact.value):
+            continue
+        wrong = fact.render(fact.attr.answer, other)
+        if any(k in wrong for k in fact.keys):
+            return True
+    return False
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def conv(*turns, system=None) -> dict:
+    """turns: user, assistant, user, assistant, ... -> {"conversations": [...]}"""
+    msgs = [{"role": "system", "content": system}] if system else []
+    for i, text in enumerate(turns):
+        msgs.append({"role": "user" if i % 2 == 0 else "assistant", "content": text})
+    return {"conversations": msgs}
+
+
+def join_cn(items: list[str]) -> str:
+    """["a", "b", "c"] -> "a、b和c" """
+    return items[0] if len(items) == 1 else "、".join(items[:-1]) + "和" + items[-1]
+
+
+def person_slots(person: dict, tag: str) -> dict:
+    """Template fields for one person in a story/dialogue: {A}, {Ap}, {A_job}, {A_cl}, {A_sight}, ..."""
+    a = person["attrs"]
+    slots = {tag: person["name"], f"{tag}p": person["p"]}
+    for key, value in a.items():
+        slots[f"{tag}_{key}"] = W.value_phrase(value)
+    slots[f"{tag}_cl"] = W.value_extras(a["pet"]).get("cl", "只")
+    city = W.CITIES.get(W.value_phrase(a["hometown"]), {})
+    for key in ("sight", "dish"):
+        if key in city:
+            slots[f"{tag}_{key}"] = W.value_phrase(city[key])
+    return slots
+
+
+def people_slots(rng: random.Random, people: list, tags: str = "AB") -> dict:
+    """Slots for len(tags) distinct random people, plus a season."""
+    slots = {"season": rng.choice(sorted(W.SEASONS))}
+    for tag, person in zip(tags, rng.sample(people, len(tags))):
+        slots.update(person_slots(person, tag))
+    return slots
+
+
+def fill(rng: random.Random, templates, make_slots, tries: int = 50) -> str:
+    """Pick a template and slots until every slot of the template is available."""
+    for _ in range(tries):
+        template, slots = rng.choice(templates), make_slots()
+        try:
+            return template.format(**slots)
+        except KeyError:
+            continue
+    raise RuntimeError("no template could be filled")  # a table bug, not a user mistake
+
+
+# ----------------------------------------------------------------------------- pretraining
+
+CONNECTORS = ("另外，", "此外，", "而且，", "还有，")
+OPENINGS = ("", "", "下面介绍一下{s}。", "今天来认识一下{s}。", "{s}是一位{title}。", "这是关于{s}的介绍。")
+CLOSINGS = ("", "", "", "大家都很喜欢{s}。", "{s}的朋友们都说{p}是个热心的人。", "这就是{s}。")
+CARD_LABELS = {"job": "职业", "hometown": "家乡", "hobby": "爱好", "food": "最喜欢的食物", "pet": "宠物",
+               "color": "最喜欢的颜色"}
+
+
+def statement(rng: random.Random, fact: Fact, first: bool, connectors: list | None = None) -> str:
+    """One pretraining sentence stating ``fact``; the canonical answer form is favoured.
+
+    ``connectors``: words like "另外，" still unused in this document; one is sometimes put in front.
+    """
+    attr = fact.attr
+    if rng.random() < attr.canonical_weight / (attr.canonical_weight + len(attr.statements)):
+        template = attr.answer
+    else:
+        template = rng.choice(attr.statements)
+    fields = fact.fields()
+    if not first and template.startswith("{s}") and rng.random() < 0.12:
+        fields["s"] = fact.extras.get("p", fact.subject)   # an occasional pronoun, as real text has
+    text = template.format(**fields)
+    if not first and connectors and rng.random() < 0.3:
+        text = connectors.pop() + text
+    return text
+
+
+def person_bio(rng: random.Random, person: dict, facts: list) -> str:
+    chosen = rng.sample(facts, rng.randint(3, len(facts)))
+    title = "女士" if person["gender"] == "F" else "先生"
+    fields = {"s": person["name"], "p": person["p"], "title": title}
+    parts = [rng.choice(OPENINGS).format(**fields)]
+    connectors = rng.sample(CONNECTORS, len(CONNECTORS))
+    parts += [statement(rng, f, i == 0, connectors) for i, f in enumerate(chosen)]
+    parts.append(rng.choice(CLOSINGS).format(**fields))
+    return "".join(parts)
+
+
+def person_card(rng: random.Random, person: dict) -> str:
+    keys = sorted(person["attrs"])
+    rng.shuffle(keys)
+    items = [f"{CARD_LABELS[k]}：{W.value_phrase(person['attrs'][k])}" for k in keys]
+    style = rng.randrange(3)
+    if style == 0:
+        return f"人物卡片。姓名：{person['name']}。" + "；".join(items) + "。"
+    if style == 1:
+        return f"{person['name']}的档案：" + "，".join(items) + "。"
+    return f"【{person['name']}】" + "；".join(items) + "。"
+
+
+def entity_entry(rng: random.Random, cat: W.Category, name: str, facts: list) -> str:
+    chosen = facts[:]
+    rng.shuffle(chosen)
+    if len(chosen) > 2:
+        chosen = chosen[:rng.randint(2, len(chosen))]
+    intro = rng.choice(cat.intro + ("",)).format(s=name) if cat.intro else ""
+    connectors = rng.sample(CONNECTORS[:4], 4)
+    return intro + "".join(statement(rng, f, i == 0, connectors) for i, f in enumerate(chosen))
+
+
+def list_doc(rng: random.Random, world: World) -> str:
+    """Facts read the other way round: entities that share a value ("大象、狮子和长颈鹿都……")."""
+    groups = {}
+    for f in world.facts:
+        if f.category not in ("person", "number"):
+            groups.setdefault((f.category, f.attr.key, W.value_phrase(f.value)), []).append(f)
+    keys = sorted(k for k, v in groups.items() if len(v) >= 2)
+    labels = {c.key: c.label for c in W.CATEGORIES}
+    out = []
+    for key in rng.sample(keys, rng.randint(1, 3)):
+        members = rng.sample(groups[key], min(4, len(groups[key])))
+        common = members[0].render(members[0].attr.answer).replace(members[0].subject, "它们", 1)
+        out.append(f"在{labels[key[0]]}里，{join_cn([f.subject for f in members])}有一个共同点：{common}")
+    return "".join(out)
+
+
+def number_doc(rng: random.Random) -> str:
+    kind = rng.randrange(5)
+    if kind == 0:      # addition and subtraction, digits and Chinese numerals mixed
+        out = []
+        for _ in range(rng.randint(3, 6)):
+            a, b = rng.randint(0, 20), rng.randint(0, 20)
+            if rng.random() < 0.5:
+                out.append(f"{a}加{b}等于{a + b}。" if rng.random() < 0.5 else
+                           f"{W.cn_number(a)}加{W.cn_number(b)}等于{W.cn_number(a + b)}。")
+            else:
+                a, b = max(a, b), min(a, b)
+                out.append(f"{a}减{b}等于{a - b}。" if rng.random() < 0.5 else
+                           f"{W.cn_number(a)}减{W.cn_number(b)}等于{W.cn_number(a - b)}。")
+        return "算一算：" + "".join(out)
+    if kind == 1:      # multiplication table
+        a = rng.randint(1, 9)
+        return f"{W.cn_number(a)}的乘法口诀：" + "，".join(
+            f"{W.cn_number(a)}乘{W.cn_number(b)}等于{W.cn_number(a * b)}" for b in range(1, 10)) + "。"
+    if kind == 2:      # counting
+        start = rng.randint(1, 10)
+        seq = list(range(start, start + rng.randint(5, 10)))
+        if rng.random() < 0.3:
+            seq.reverse()
+        return "一起来数数：" + "、".join(str(x) for x in seq) + "。"
+    if kind == 3:      # weekdays
+        i = rng.randrange(7)
+        return (f"{W.WEEKDAYS[i]}的后一天是{W.WEEKDAYS[(i + 1) % 7]}，前一天是{W.WEEKDAYS[i - 1]}。"
+                f"一个星期从星期一开始，到星期日结束。")
+    pairs = rng.sample(W.ANTONYMS, 4)   # antonyms
+    return "反义词：" + "，".join(f"“{a}”和“{b}”是一对反义词" for a, b in pairs) + "。"
+
+
+def chat_dialogue(rng: random.Random, people: list) -> str:
+    """Greetings and small talk between two people of the world (1-3 exchanges)."""
+    a, b = rng.sample(people, 2)
+    lines = []
+    for user, replies in rng.sample(C.GREETINGS[:10], 1) + rng.sample(C.SMALL_TALK, rng.randint(0, 2)):  # human talk only
+        lines += [f"{a['name']}：{user}", f"{b['name']}：{rng.choice(replies)}"]
+    return "\n".join(lines)
+
+
+def classroom_qa(rng: random.Random) -> dict:
+    """An instruction-style question and its answer (from ``instruction``), for classroom scenes."""
+    turns = instruction(rng)["conversations"]
+    return {"q": turns[0]["content"], "a": turns[1]["content"]}
+
+
+def literacy_docs(rng: random.Random, chars: list[str], counts: Counter, need: int) -> list[str]:
+    """"识字" documents listing single characters (in quotes, never as words) until each is seen ``need`` times."""
+    pending = {c: need - counts[c] for c in chars if counts[c] < need}
+    docs = []
+    while pending:
+        batch = sorted(pending)
+        rng.shuffle(batch)
+        for i in range(0, len(batch), 6):
+            group = batch[i:i + 6]
+            quoted = "、".join(f"“{c}”" for c in group)
+            docs.append(rng.choice(("识字课：今天认识的字有{q}。请大家把这些字读三遍。",
+                                    "生字表：{q}。写字时要注意笔顺。",
+                                    "认一认下面的字：{q}。你都认识吗？")).format(q=quoted))
+            for c in group:
+                pending[c] -= 1
+                if pending[c] <= 0:
+                    del pending[c]
+    return docs
+
+
+def make_pretrain(rng: random.Random, world: World, sizes: Sizes, chat_text: str) -> list[dict]:
+    docs = []
+    for person in world.people:
+        facts = world.facts_of(person["name"])
+        docs += [person_bio(rng, person, facts) for _ in range(sizes.bios_per_person)]
+        docs += [person_card(rng, person) for _ in range(sizes.cards_per_person)]
+    for cat in W.CATEGORIES:
+        for name in sorted(cat.entities):
+            facts = [f for f in world.facts if f.subject == name and f.category == cat.key]
+            docs += [entity_entry(rng, cat, name, facts) for _ in range(sizes.entries_per_entity)]
+    people = world.people
+    docs += [fill(rng, S.PEOPLE_STORIES, lambda: people_slots(rng, people)) for _ in range(sizes.people_stories)]
+    animals = [n for n in sorted(W.ANIMALS) if {"food", "habitat", "feature"} <= set(W.ANIMALS[n])]
+    def animal_slots():
+        x, y = rng.sample(animals, 2)
+        slots = {"X": x, "Y": y}
+        for tag, name in (("X", x), ("Y", y)):
+            for key, value in W.ANIMALS[name].items():
+                slots[f"{tag}_{key}"] = W.value_phrase(value)
+        return slots
+    docs += [fill(rng, S.ANIMAL_STORIES, animal_slots) for _ in range(sizes.animal_stories)]
+    docs += list(S.EVERYDAY_STORIES) * sizes.everyday_story_repeats
+    docs += [fill(rng, S.DIALOGUES, lambda: people_slots(rng, people, "ABC")) for _ in range(sizes.dialogues)]
+    for _ in range(sizes.season_dialogues):
+        a, b = rng.sample(people, 2)
+        season = rng.choice(sorted(W.SEASONS))
+        facts = W.SEASONS[season]
+        docs.append(rng.choice(S.SEASON_DIALOGUES).format(
+            A=a["name"], B=b["name"], S=season, S_weather=facts["weather"], S_next=facts["next"]))
+    docs += [chat_dialogue(rng, people) for _ in range(sizes.chat_dialogues)]
+    docs += [fill(rng, C.CLASSROOM, lambda: {**people_slots(rng, people), **classroom_qa(rng)})
+             for _ in range(sizes.classroom)]
+    for group in C.AI_SENTENCES:
+        for _ in range(sizes.ai_paragraph_repeats):
+            drop = rng.choice(group[1:]) if rng.random() < 0.5 else None   # sometimes leave one sentence out
+            docs.append("".join(x for x in group if x != drop))
+    docs += [list_doc(rng, world) for _ in range(sizes.list_docs)]
+    docs += [number_doc(rng) for _ in range(sizes.number_docs)]
+    # Every character the chat files use must be a trained embedding, not a stray byte sequence.
+    counts = Counter("".join(docs))
+    needed = sorted({c for c in chat_text if not c.isascii() and not c.isspace()})
+    docs += literacy_docs(rng, needed, counts, sizes.min_char_count)
+    rng.shuffle(docs)
+    return [{"text": d} for d in docs if d]
+
+
+# ----------------------------------------------------------------------------- SFT
+
+YES_NO = {"job": "{s}是{v}吗？", "hometown": "{s}是{v}人吗？", "food": "{s}最喜欢吃{v}吗？",
+          "pet": "{s}养的是{v}吗？", "color": "{s}最喜欢{v}吗？"}
+BIO_REQUESTS = ("介绍一下{s}。", "{s}是个什么样的人？", "跟我说说{s}。", "你了解{s}吗？")
+ENTITY_REQUESTS = ("介绍一下{s}。", "跟我讲讲{s}。", "关于{s}，你知道些什么？")
+FOLLOW_UPS = ("那{p}{n}呢？", "{p}{n}呢？", "还有{p}{n}呢？")
+
+
+def list_classes() -> dict:
+    """Class name -> members, for "列举三种水果" instructions."""
+    out = {"水果": [n for n, a in sorted(W.FOODS_WORLD.items()) if a.get("kind") == "水果"],
+           "蔬菜": [n for n, a in sorted(W.FOODS_WORLD.items()) if a.get("kind") == "蔬菜"],
+           "哺乳动物": [n for n, a in sorted(W.ANIMALS.items()) if a.get("class") == "哺乳动物"],
+           "鸟类": [n for n, a in sorted(W.ANIMALS.items()) if a.get("class") == "鸟类"],
+           "花卉": [n for n, a in sorted(W.PLANTS.items()) if a.get("kind") == "花卉"],
+           "树木": [n for n, a in sorted(W.PLANTS.items()) if a.get("kind") == "树木"],
+           "中国城市": sorted(W.CITIES), "国家": sorted(W.COUNTRIES), "颜色": list(W.COLORS),
+           "职业": list(W.JOBS), "传统节日": sorted(W.FESTIVALS), "季节": ["春天", "夏天", "秋天", "冬天"],
+           "家里的日用品": sorted(W.OBJECTS)}
+    return out
+
+
+def instruction(rng: random.Random) -> dict:
+    kind = rng.choices(("add", "sub", "mul", "count", "list", "antonym", "compare", "weekday", "length",
+                        "repeat", "kingdom"), weights=(5, 4, 4, 3, 4, 2, 2, 1, 2, 2, 1))[0]
+    if kind in ("add", "sub", "mul"):
+        a, b = (rng.randint(1, 9), rng.randint(1, 9)) if kind == "mul" else (rng.randint(0, 20), rng.randint(0, 20))
+        if kind == "sub":
+            a, b = max(a, b), min(a, b)
+        op, sym, c = {"add": ("加", "+", a + b), "sub": ("减", "-", a - b), "mul": ("乘", "×", a * b)}[kind]
+        if rng.random() < 0.5:
+            q = rng.choice(("{a}{op}{b}等于几？", "{a}{op}{b}等于多少？", "计算{a}{op}{b}。", "请算一下{a}{op}{b}。",
+                            "{a}{op}{b}是多少？")).format(a=a, b=b, op=op)
+            return conv(q, f"{a}{op}{b}等于{c}。")
+        q = rng.choice(("{a}{sym}{b}=？", "{a}{sym}{b}等于几？", "计算：{a}{sym}{b}", "{a}{sym}{b}=")).format(a=a, b=b, sym=sym)
+        return conv(q, f"{a}{sym}{b}={c}。")
+    if kind == "count":
+        a = rng.randint(1, 10)
+        b = a + rng.randint(3, 9)
+        if rng.random() < 0.3:
+            return conv(f"从{b}倒着数到{a}。", "、".join(str(x) for x in range(b, a - 1, -1)) + "。")
+        return conv(rng.choice(("从{a}数到{b}。", "请从{a}数到{b}。", "数数：从{a}到{b}。")).format(a=a, b=b),
+                    "、".join(str(x) for x in range(a, b + 1)) + "。")
+    if kind == "list":
+        classes = list_classes()
+        name = rng.choice(sorted(classes))
+        k = min(len(classes[name]), rng.randint(2, 4))
+        members = rng.sample(classes[name], k)
+        q = rng.choice(("列举{k}种{c}。", "说出{k}个{c}。", "请举{k}个{c}的例子。", "你能说出{k}种{c}吗？"))
+        return conv(q.format(k=W.cn_number(k, count=True), c=name), "、".join(members) + "。")
+    if kind == "antonym":
+        a, b = rng.choice(W.ANTONYMS)
+        if rng.random() < 0.5:
+            a, b = b, a
+        return conv(rng.choice(("“{a}”的反义词是什么？", "说出“{a}”的反义词。", "“{a}”的反义词是？")).format(a=a),
+                    f"“{a}”的反义词是“{b}”。")
+    if kind == "compare":
+        a, b = rng.sample(range(0, 100), 2)
+        q = rng.choice(("{a}和{b}哪个大？", "{a}和{b}比，哪个更大？", "比较{a}和{b}的大小。")).format(a=a, b=b)
+        return conv(q, f"{max(a, b)}比{min(a, b)}大。")
+    if kind == "weekday":
+        i = rng.randrange(7)
+        if rng.random() < 0.5:
+            return conv(f"{W.WEEKDAYS[i]}的后一天是星期几？", f"{W.WEEKDAYS[i]}的后一天是{W.WEEKDAYS[(i + 1) % 7]}。")
+        return conv(f"{W.WEEKDAYS[i]}的前一天是星期几？", f"{W.WEEKDAYS[i]}的前一天是{W.WEEKDAYS[i - 1]}。")
+    if kind == "length":
+        word = rng.choice(sorted(W.ANIMALS) + sorted(W.CITIES) + sorted(W.PLANTS) + sorted(W.OBJECTS))
+        return conv(rng.choice(("“{w}”有几个字？", "“{w}”这个词有几个字？")).format(w=word),
+                    f"“{word}”有{W.cn_number(len(word), count=True)}个字。")
+    if kind == "repeat":
+        s = rng.choice(C.REPEAT_SENTENCES)
+        return conv(rng.choice(("请重复这句话：{s}", "跟我说一遍：{s}", "复述：{s}")).format(s=s), s)
+    # kingdom: animal or plant
+    if rng.random() < 0.5:
+        x = rng.choice(sorted(W.ANIMALS))
+        return conv(f"{x}是动物还是植物？", f"{x}是动物。")
+    x = rng.choice(sorted(W.PLANTS))
+    return conv(f"{x}是动物还是植物？", f"{x}是植物。")
+
+
+def persona_conv(rng: random.Random, persona: dict, prompts: list, system=None) -> dict:
+    kind, question = rng.choice(prompts)
+    return conv(question, rng.choice(persona["answers"][kind]), system=system)
+
+
+def identity_prompts(rng: random.Random) -> tuple[list, list]:
+    """All (kind, prompt) identity phrasings (prefix + core question), split into (training, held out).
+
+    Held out: every prefixed form of ``IDENTITY_HELDOUT_CORE`` core question per kind (unseen
+    questions), plus a few prefixed forms of the other cores (unseen combinations of seen parts).
+    """
+    train, held = [], []
+    for kind in sorted(C.IDENTITY_QUESTIONS):
+        cores = C.IDENTITY_QUESTIONS[kind]
+        held_cores = rng.sample(cores, C.IDENTITY_HELDOUT_CORE)
+        for core in cores:
+            for prefix in C.IDENTITY_PREFIXES:
+                (held if core in held_cores else train).append((kind, prefix, core))
+    prefixed = [t for t in train if t[1]]
+    moved = rng.sample(prefixed, max(0, C.IDENTITY_EVAL_ITEMS - len(held) // 2))
+    held += moved
+    train = [t for t in train if t not in moved]
+    train_prompts = sorted({(kind, prefix + core) for kind, prefix, core in train})
+    seen = {q for _, q in train_prompts}
+    held_prompts = sorted({(kind, prefix + core) for kind, prefix, core in held} - set(train_prompts))
+    return train_prompts, [t for t in held_prompts if t[1] not in seen]
+
+
+def fact_question(fact: Fact, template: str) -> str:
+    """A question about ``fact`` (templates may use the value's extra fields, e.g. the unit {u})."""
+    return fact.render(template)
+
+
+def make_sft(rng: random.Random, world: World, sizes: Sizes, id_train: list) -> list[dict]:
+    single = []   # single-turn conversations; a share of them gets a system turn at the end
+    train_people = world.people_in("train")
+    train_facts = [f for f in world.facts if f.split == "train"]
+    for f in train_facts:
+        templates, _ = world.questions[(f.category, f.attr.key)]
+        n = sizes.sft_person_questions_per_fact if f.category == "person" else sizes.sft_world_questions_per_fact
+        for t in rng.sample(templates, min(n, len(templates))):
+            single.append(conv(fact_question(f, t), f.answer))
+    person_facts = [f for f in train_facts if f.category == "person" and f.attr.key in YES_NO]
+    for _ in range(sizes.sft_yes_no):
+        f = rng.choice(person_facts)
+        other = rng.choice([v for v in world.domains[("person", f.attr.key)] if v != f.value])
+        if rng.random() < 0.5:
+            single.append(conv(YES_NO[f.attr.key].format(s=f.subject, v=W.value_phrase(f.value)), "是的，" + f.answer))
+        else:
+            single.append(conv(YES_NO[f.attr.key].format(s=f.subject, v=W.value_phrase(other)), "不是，" + f.answer))
+    for _ in range(sizes.sft_bios):
+        if rng.random() < 0.6:
+            person = rng.choice(train_people)
+            facts = world.facts_of(person["name"])
+            single.append(conv(rng.choice(BIO_REQUESTS).format(s=person["name"]), "".join(f.answer for f in facts)))
+        else:
+            cat = rng.choice(W.CATEGORIES[:-1])
+            name = rng.choice(sorted(cat.entities))
+            facts = [f for f in world.facts if f.subject == name and f.category == cat.key]
+            single.append(conv(rng.choice(ENTITY_REQUESTS).format(s=name), "".join(f.answer for f in facts)))
+    persona = [persona_conv(rng, C.BASE_PERSONA, id_train) for _ in range(sizes.sft_persona)]
+    for _ in range(sizes.sft_greetings):
+        user, replies = rng.choice(C.GREETINGS)
+        if rng.random() < 0.2:   # some greetings introduce the persona
+            persona.append(conv(user, f"{rng.choice(('你好！', '你好呀！'))}我是TinyMind，有什么可以帮你的吗？"))
+        else:
+            single.append(conv(user, rng.choice(replies)))
+    for _ in range(sizes.sft_small_talk):
+        user, replies = rng.choice(C.SMALL_TALK + C.ASSISTANT_TALK)
+        single.append(conv(user, rng.choice(replies)))
+    single += [instruction(rng) for _ in range(sizes.sft_instructions)]
+    for _ in range(sizes.sft_stories):
+        request = rng.choice(("给我讲一个小故事。", "讲个故事吧。", "能讲个短故事吗？", "我想听故事。"))
+        if rng.random() < 0.5:
+            story = rng.choice(S.EVERYDAY_STORIES)
+        else:
+            story = fill(rng, S.PEOPLE_STORIES, lambda: people_slots(rng, train_people))
+        single.append(conv(request, story))
+    for conversation in single + persona:
+        if rng.random() < sizes.system_share:
+            conversation["conversations"].insert(0, {"role": "system", "content": rng.choice(C.SYSTEM_PROMPTS)})
+    out = single + persona + [multi_turn(rng, world) for _ in range(sizes.sft_multi_turn)]
+    rng.shuffle(out)
+    return out
+
+
+def multi_turn(rng: random.Random, world: World) -> dict:
+    kind = rng.randrange(4)
+    if kind <= 1:   # follow-up questions about the same person or entity, with a pronoun
+        if kind == 0:
+            person = rng.choice(world.people_in("train"))
+            facts = world.facts_of(person["name"])
+        else:
+            facts = []
+            while len(facts) < 2:
+                cat = rng.choice(W.CATEGORIES[:-1])
+                name = rng.choice(sorted(cat.entities))
+                facts = [f for f in world.facts if f.subject == name and f.category == cat.key and f.attr.noun]
+        chosen = rng.sample(facts, min(len(facts), rng.randint(2, 3)))
+        first = chosen[0]
+        turns = [fact_question(first, rng.choice(world.questions[(first.category, first.attr.key)][0])), first.answer]
+        for f in chosen[1:]:
+            turns += [rng.choice(FOLLOW_UPS).format(p=f.extras["p"], n=f.attr.noun), f.answer]
+        return conv(*turns)
+    if kind == 2:   # greeting, then a question
+        user, replies = rng.choice(C.GREETINGS[:12])
+        f = rng.choice([f for f in world.facts if f.split == "train"])
+        t = rng.choice(world.questions[(f.category, f.attr.key)][0])
+        return conv(user, rng.choice(replies), fact_question(f, t), f.answer)
+    a, b, c = rng.randint(1, 9), rng.randint(1, 9), rng.randint(1, 9)   # arithmetic chain
+    return conv(f"{a}加{b}等于几？", f"{a}加{b}等于{a + b}。", f"再加{c}呢？", f"{a + b}加{c}等于{a + b + c}。")
+
+
+# ----------------------------------------------------------------------------- LoRA sets
+
+def replay_pool(sft: list[dict]) -> list[dict]:
+    """General SFT conversations that say nothing about who the assistant is."""
+    def persona_free(c):
+        return not any("TinyMind" in m["content"] for m in c["conversations"])
+    return [c for c in sft if persona_free(c)]
+
+
+def make_lora_identity(rng: random.Random, world: World, sizes: Sizes, id_train: list, pool: list) -> list[dict]:
+    out = [persona_conv(rng, C.LORA_PERSONA, id_train,
+                        system=rng.choice(C.SYSTEM_PROMPTS) if rng.random() < sizes.system_share else None)
+           for _ in range(sizes.identity_convs)]
+    for _ in range(sizes.identity_convs // 10):   # greeting that introduces the new persona
+        user, _ = rng.choice(C.GREETINGS)
+        out.append(conv(user, f"{rng.choice(('你好！', '你好呀！'))}我是知微，有什么可以帮你的吗？"))
+    for _ in range(sizes.identity_convs // 10):   # identity, then a fact question
+        kind, q = rng.choice(id_train)
+        f = rng.choice([f for f in world.facts if f.split == "train"])
+        t = rng.choice(world.questions[(f.category, f.attr.key)][0])
+        out.append(conv(q, rng.choice(C.LORA_PERSONA["answers"][kind]), fact_question(f, t), f.answer))
+    n_replay = round(len(out) * sizes.identity_replay_share / (1 - sizes.identity_replay_share))
+    out += rng.sample(pool, n_replay)
+    rng.shuffle(out)
+    return out
+
+
+def medical_answer(rng: random.Random, aspect: str, c: str) -> str:
+    dept, symptoms, care, warning = M.CONDITIONS[c]
+    if aspect == "department":
+        return rng.choice((f"{c}应该挂{dept}。症状严重时请及时就医。",
+                           f"{c}一般挂{dept}。如果出现{warning[0]}，请立即就医。",
+                           f"{c}建议去{dept}就诊。"))
+    if aspect == "symptom":
+        return f"{c}的常见症状有{join_cn(list(symptoms))}。如果症状加重，请及时去{dept}就诊。"
+    if aspect == "care":
+        return (f"{c}在家可以这样做：{join_cn(list(care))}。如果出现{join_cn(list(warning))}，请立即就医。"
+                + M.DISCLAIMER)
+    if aspect == "warning":
+        return f"{c}如果出现{join_cn(list(warning))}，说明情况比较严重，请立即就医，不要拖延。"
+    return (f"{c}是一种常见病，主要症状有{join_cn(list(symptoms[:M.KEY_SYMPTOMS]))}，一般挂{dept}。"
+            + M.DISCLAIMER)
+
+
+def medical_plan(rng: random.Random) -> dict:
+    """aspect -> (training phrasings, held-out phrasings)."""
+    plan = {}
+    for aspect in sorted(M.QUESTIONS):
+        templates = list(M.QUESTIONS[aspect])
+        held = rng.sample(templates, M.HELDOUT.get(aspect, 0))
+        plan[aspect] = ([t for t in templates if t not in held], held)
+    return plan
+
+
+def make_lora_medical(rng: random.Random, sizes: Sizes, plan: dict, pool: list) -> list[dict]:
+    out = []
+    per_aspect = {"department": 7, "symptom": 7, "care": 4, "warning": 4, "overview": 2}
+    for c in sorted(M.CONDITIONS):
+        for aspect, n in sorted(per_aspect.items()):
+            for t in rng.sample(plan[aspect][0], n):
+                system = rng.choice(C.SYSTEM_PROMPTS) if rng.random() < sizes.system_share else None
+                out.append(conv(t.format(c=c), medical_answer(rng, aspect, c), system=system))
+        # one two-turn conversation per condition: department, then symptoms
+        out.append(conv(rng.choice(plan["department"][0]).format(c=c), medical_answer(rng, "department", c),
+                        rng.choice(("它有什么症状？", "那它有哪些症状？", "主要症状是什么？")),
+                        medical_answer(rng, "symptom", c)))
+    n_replay = round(len(out) * sizes.medical_replay_share / (1 - sizes.medical_replay_share))
+    out += rng.sample(pool, n_replay)
+    rng.shuffle(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- eval
+
+def make_eval(rng: random.Random, world: World, sizes: Sizes, id_held: list, med_plan: dict) -> dict:
+    general, used = [], set()
+
+    def add(fact: Fact, question: str, kind: str):
+        # skip repeats, answers a wrong value would also match, and questions that contain their own answer
+        if question in used or is_ambiguous(fact, world) or any(k in question for k in fact.keys):
+            return False
+        used.add(question)
+        item = {"id": "", "question": question, "answers": fact.keys, "kind": kind, "reference": fact.answer}
+        if rng.random() < 0.1:
+            item["system"] = rng.choice(C.SYSTEM_PROMPTS)
+        general.append(item)
+        return True
+
+    # (1) held-out phrasings of facts the SFT data teaches (people of the training split, world entities)
+    people_facts = [f for f in world.facts if f.category == "person" and f.split == "train"]
+    per_attr = sizes.eval_heldout_people // len(W.PERSON_ATTRS)
+    for attr in W.PERSON_ATTRS:
+        pool = [f for f in people_facts if f.attr.key == attr.key]
+        rng.shuffle(pool)
+        n = 0
+        for f in pool:
+            if n < per_attr and add(f, fact_question(f, rng.choice(world.questions[("person", attr.key)][1])),
+                                    "sft_fact_heldout_phrasing"):
+                n += 1
+    world_facts = [f for f in world.facts if f.category != "person"]
+    rng.shuffle(world_facts)
+    # spread over categories: round-robin by category
+    by_cat = {}
+    for f in world_facts:
+        by_cat.setdefault(f.category, []).append(f)
+    n, cats = 0, sorted(by_cat)
+    while n < sizes.eval_heldout_world and any(by_cat.values()):
+        for cat in cats:
+            if by_cat[cat] and n < sizes.eval_heldout_world:
+                f = by_cat[cat].pop()
+                if add(f, fact_question(f, rng.choice(world.questions[(f.category, f.attr.key)][1])),
+                       "sft_fact_heldout_phrasing"):
+                    n += 1
+    # (2) facts stated only in pretraining (people never named in any SFT/LoRA file), training phrasings
+    held_facts = [f for f in world.facts if f.split == "pretrain_only"]
+    rng.shuffle(held_facts)
+    per_attr = -(-sizes.eval_pretrain_only // len(W.PERSON_ATTRS))
+    taken = Counter()
+    for f in held_facts:
+        if len([g for g in general if g["kind"] == "pretrain_only_fact"]) >= sizes.eval_pretrain_only:
+            break
+        if taken[f.attr.key] < per_attr and add(
+                f, fact_question(f, rng.choice(world.questions[("person", f.attr.key)][0])), "pretrain_only_fact"):
+            taken[f.attr.key] += 1
+    for i, item in enumerate(general, 1):
+        item["id"] = f"gqa-{i:04d}"
+
+    identity = []
+    base, new = C.BASE_PERSONA["name"], C.LORA_PERSONA["name"]
+    chosen = rng.sample(id_held, min(C.IDENTITY_EVAL_ITEMS, len(id_held)))
+    for i, (kind, q) in enumerate(sorted(chosen, key=lambda t: (t[0], t[1])), 1):
+        item = {"id": f"id-{i:03d}", "question": q, "base_names": [base], "new_names": [new], "kind": "identity"}
+        if rng.random() < 0.1:
+            item["system"] = rng.choice(C.SYSTEM_PROMPTS)
+        identity.append(item)
+
+    medical = []
+    conditions = sorted(M.CONDITIONS)
+    extra = set(rng.sample(conditions, max(0, sizes.eval_medical - 2 * len(conditions))))
+    for c in conditions:
+        dept, symptoms, _, _ = M.CONDITIONS[c]
+        dept_qs = rng.sample(med_plan["department"][1], 2 if c in extra else 1)
+        for t in dept_qs:
+            medical.append({"id": "", "question": t.format(c=c), "answers": [dept], "kind": "medical_department",
+                            "reference": f"{c}应该挂{dept}。"})
+        medical.append({"id": "", "question": rng.choice(med_plan["symptom"][1]).format(c=c),
+                        "answers": list(symptoms[:M.KEY_SYMPTOMS]), "kind": "medical_symptom",
+                        "reference": f"{c}的常见症状有{join_cn(list(symptoms))}。"})
+    for i, item in enumerate(medical, 1):
+        item["id"] = f"med-{i:03d}"
+    return {"general_qa": general, "identity": identity, "medical_qa": medical}
+
+
+# ----------------------------------------------------------------------------- driver
+
+def user_turns(convs: list[dict]) -> set[str]:
+    return {m["content"] for c in convs for m in c["conversations"] if m["role"] == "user"}
+
+
+def chat_text(*sets) -> str:
+    parts = []
+    for convs in sets:
+        for c in convs:
+            if "conversations" in c:
+                parts += [m["content"] for m in c["conversations"]]
+            else:
+                parts += [c.get("question", ""), c.get("reference", ""), c.get("system", "")] + c.get("answers", [])
+    return "".join(parts)
+
+
+def generate(seed: int = 42, sizes: Sizes | None = None) -> dict[str, list[dict]]:
+    """Build every file's records in memory: {"pretrain_demo.jsonl": [...], ...}."""
+    sizes = sizes or Sizes()
+    world = build_world(seed)
+    id_train, id_held = identity_prompts(random.Random(f"{seed}-identity"))
+    med_plan = medical_plan(random.Random(f"{seed}-medical-plan"))
+    sft = make_sft(random.Random(f"{seed}-sft"), world, sizes, id_train)
+    pool = replay_pool(sft)
+    lora_id = make_lora_identity(random.Random(f"{seed}-lora-identity"), world, sizes, id_train, pool)
+    lora_med = make_lora_medical(random.Random(f"{seed}-lora-medical"), sizes, med_plan, pool)
+    ev = make_eval(random.Random(f"{seed}-eval"), world, sizes, id_held, med_plan)
+    pretrain = make_pretrain(random.Random(f"{seed}-pretrain"), world, sizes,
+                             chat_text(sft, lora_id, lora_med, *ev.values()))
+    # Guard: no evaluation prompt is a user turn of any training file.
+    prompts = user_turns(sft) | user_turns(lora_id) | user_turns(lora_med)
+    for name, items in ev.items():
+        clash = [it["question"] for it in items if it["question"] in prompts]
+        if clash:
+            raise RuntimeError(f"eval/{name}: {len(clash)} prompts also in training data, e.g. {clash[0]}")
+    return {"pretrain_demo.jsonl": pretrain, "sft_demo.jsonl": sft, "lora_identity.jsonl": lora_id,
+            "lora_medical.jsonl": lora_med, "eval/general_qa.jsonl": ev["general_qa"],
+            "eval/identity.jsonl": ev["identity"], "eval/medical_qa.jsonl": ev["medical_qa"]}
+
+
+def write_all(records: dict, out_dir: Path) -> None:
+    for rel in FILES:
+        path = out_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+            for rec in records[rel]:
+                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        tmp.replace(path)
+
+
+def stats(out_dir: Path) -> list[dict]:
+    """Sizes and counts of the written files (what dataset/README.md reports)."""
+    rows = []
+    for rel in FILES:
+        path = out_dir / rel
+        raw = path.read_bytes()
+        recs = [json.loads(line) for line in raw.decode("utf-8").splitlines()]
+        row = {"file": rel, "bytes": len(raw), "lines": len(recs)}
+        if "text" in recs[0]:
+            text = "\n".join(r["text"] for r in recs)
+            sentences = {s for s in re.split(r"[。！？\n]", text) if s.strip()}
+            row.update(chars=len(text), distinct_chars=len(set(text)), distinct_sentences=len(sentences),
+                       gzip_ratio=round(len(raw) / len(gzip.compress(raw, 9, mtime=0)), 2))
+        elif "conversations" in recs[0]:
+            msgs = [m for r in recs for m in r["conversations"]]
+            row.update(turns=len(msgs), chars=sum(len(m["content"]) for m in msgs),
+                       multi_turn=sum(1 for r in recs if sum(m["role"] == "user" for m in r["conversations"]) > 1),
+                       with_system=sum(1 for r in recs if r["conversations"][0]["role"] == "system"))
+        else:
+            row.update(kinds=dict(sorted(Counter(r["kind"] for r in recs).items())))
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Generate the TinyMind demo datasets (deterministic per seed).")
+    parser.add_argument("--seed", type=int, default=42, help="random seed; the same seed gives byte-identical files")
+    parser.add_argument("--out_dir", default="dataset", help="output folder (relative paths resolve from the repo root)")
+    parser.add_argument("--no_stats", action="store_true", help="skip the size/count report at the end")
+    args = parser.parse_args(argv)
+    out_dir = repo_path(args.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise TinyMindError(f"--out_dir {args.out_dir} exists and is not a folder")
+    t0 = time.time()
+    records = generate(args.seed)
+    write_all(records, out_dir)
+    print(f"wrote {len(FILES)} files to {out_dir} in {time.time() - t0:.1f}s (seed {args.seed})")
+    if not args.no_stats:
+        for row in stats(out_dir):
+            print(json.dumps(row, ensure_ascii=False))
+    return records
+
+
+if __name__ == "__main__":
+    run_main(main)

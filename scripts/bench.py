@@ -1,0 +1,651 @@
+"""TinyMind performance bench: the speed and memory claims of the docs, measured on your machine.
+
+Every claim is a ratio of two variants measured in one run on one machine: the two sides are timed
+interleaved (A B A B ..., the order flipped every round) after a warm-up, and their medians are compared,
+so a busy machine slows both sides alike. Measurements (names for ``--only``):
+
+  lora_step         LoRA (r=8, all-linear) training step vs full fine-tuning step, same batch: speed-up
+  lora_memory       the same two steps, peak memory (CPU: peak RSS of a fresh process each; CUDA: max allocated)
+  merged_forward    forward of a model whose LoRA is merged into W vs the base model
+  unmerged_forward  forward with the LoRA branch live (x W^T + s * x A^T B^T) vs the base model
+  kv_cache          greedy decoding of N new tokens with the KV cache vs recomputing the whole prefix
+  decode            decode tokens/s, batch 1, greedy, fp32 (and a bf16 row for comparison)
+  packing           pretraining: useful (non-pad) tokens/s of the packed loader vs padding every document
+  train             training tokens/s (full fine-tuning step) of the `tiny` and `small` presets
+
+It prints a markdown table (PASS/MISS per target) and writes JSON with the machine, command and date.
+
+CPU (a few minutes on 2 cores):
+    python scripts/bench.py
+    python scripts/bench.py --quick                    # every measurement at toy sizes, ~30 s (CI)
+    python scripts/bench.py --only decode,kv_cache --repeats 5 --threads 2
+GPU (one device; the bench is single-process, so there is no torchrun/multi-GPU variant):
+    python scripts/bench.py --device cuda
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+
+import argparse
+import copy
+import datetime
+import gc
+import itertools
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import tempfile
+import time
+
+import torch
+
+from model.common import TinyMindError, repo_path, run_main
+from model.model import TinyMindForCausalLM, get_config
+from model.model_lora import apply_lora, merge_lora
+from trainer.trainer_utils import build_optimizer
+
+MEASUREMENTS = ("lora_step", "lora_memory", "merged_forward", "unmerged_forward",
+                "kv_cache", "decode", "packing", "train")
+
+# Targets from the performance issue: (comparison, threshold). "within" means |value - 1| <= threshold.
+TARGETS = {
+    "lora_step": (">=", 1.3),
+    "lora_memory": ("<=", 0.7),
+    "merged_forward": ("within", 0.03),
+    "unmerged_forward": ("<=", 1.15),
+    "kv_cache": (">=", 5.0),
+    "decode": (">=", 100.0),
+    "packing": (">=", 1.5),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# small helpers: timing, models, batches
+
+def sync(device):
+    """CUDA kernels run asynchronously: wait for them before reading the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns, repeats, device, warmup=1, clock=time.perf_counter):
+    """Time each callable in ``fns`` (name -> fn) ``repeats`` times, interleaved, after ``warmup`` untimed calls.
+
+    Interleaving (and flipping the order every round) spreads the noise of a shared machine over every
+    variant instead of punishing whichever ran while a neighbour was busy. Returns name -> list of seconds.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for i in range(repeats):
+        order = list(fns.items())
+        if i % 2:
+            order.reverse()
+        for name, fn in order:
+            sync(device)
+            t0 = clock()
+            fn()
+            sync(device)
+            times[name].append(clock() - t0)
+    return times
+
+
+def med(xs):
+    return statistics.median(xs)
+
+
+def build_model(preset, device, seed=0):
+    torch.manual_seed(seed)  # every variant starts from the same weights
+    return TinyMindForCausalLM(get_config(preset)).to(device)
+
+
+def random_batch(vocab_size, batch_size, seq_len, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (batch_size, seq_len), generator=g).to(device)  # (B, T), no special ids
+
+
+def add_lora(model, rank, targets, random_b=False):
+    """Wrap ``model`` in place; ``random_b`` makes the adapter non-zero so merging really changes W."""
+    info = apply_lora(model, rank=rank, targets=targets)
+    if random_b:
+        g = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return info
+
+
+def make_train_step(model, batch):
+    """One optimizer step on ``batch``: forward, backward, the trainers' AdamW over the parameters that train.
+
+    For LoRA only the adapters require grad, which is where its savings come from: no weight gradients
+    (dW = dy^T x) and no AdamW moments for the frozen base weights.
+    """
+    opt = build_optimizer(model, lr=1e-4, weight_decay=0.1)
+    model.train()
+
+    def step():
+        loss = model(batch, labels=batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def greedy(model, prompt, new_tokens, use_cache):
+    """Greedy decoding of exactly ``new_tokens`` tokens (EOS disabled so every run does the same work)."""
+    with torch.inference_mode():
+        out = model.generate(prompt, max_new_tokens=new_tokens, temperature=0.0, top_k=None, top_p=None,
+                             eos_token_id=None, use_cache=use_cache)
+    if out.shape[1] != prompt.shape[1] + new_tokens:
+        raise RuntimeError(f"generate returned {out.shape[1] - prompt.shape[1]} new tokens, expected {new_tokens}")
+    return out
+
+
+def reset_peak_memory(device):
+    """Start the peak at the current usage (CUDA stats; Linux: writing 5 to clear_refs resets VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux: the peak below then also covers the interpreter's start-up
+
+
+def peak_memory_mb(device):
+    """Peak memory of this process: CUDA max allocated, or the peak resident set size on the CPU.
+
+    Linux's VmHWM, not getrusage's ru_maxrss: ru_maxrss survives fork + exec, so a child would start with
+    its parent's peak (here: the bench process holding several models) and both variants would read alike.
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB -> MB
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        import resource
+    except ImportError:
+        raise TinyMindError("lora_memory on CPU needs Linux's /proc or the POSIX 'resource' module: "
+                            "leave it out with --only") from None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB elsewhere
+
+
+def current_memory_mb(device):
+    """Memory in use right now (CUDA allocated, CPU resident set); the peak where Linux's /proc is missing."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return peak_memory_mb(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the measurements: each takes the run context and returns (rows, details)
+
+class Ctx:
+    """What every measurement needs: the parsed flags, the device, the sizes and a memo shared across them."""
+
+    def __init__(self, args, device):
+        self.args, self.device = args, device
+        q = args.quick
+        self.preset = args.preset or ("smoke" if q else "small")
+        self.train_presets = ("smoke", "tiny") if q else ("tiny", "small")
+        self.packing_preset = args.packing_preset or ("smoke" if q else "tiny")
+        self.batch_size = args.batch_size or (2 if q else (4 if device.type == "cpu" else 16))
+        self.seq_len = args.seq_len or (64 if q else 256)
+        self.new_tokens = args.new_tokens or (24 if q else 256)
+        self.repeats = args.repeats or (1 if q else 5)
+        self.corpus_docs = args.corpus_docs or (200 if q else 2000)
+        self.clock = time.process_time if args.timer == "cpu" else time.perf_counter
+        self.memo = {}
+
+    def time(self, fns, repeats=None, warmup=1):
+        """``time_interleaved`` on this run's device and clock; ``repeats`` defaults to ``--repeats``."""
+        return time_interleaved(fns, self.repeats if repeats is None else repeats, self.device, warmup, self.clock)
+
+    @property
+    def shape(self):
+        return f"{self.batch_size}x{self.seq_len}"
+
+
+def row(name, what, value, result, unit):
+    """One table line; ``main`` fills in its target and PASS/MISS."""
+    return {"name": name, "what": what, "value": float(value), "unit": unit, "result": result}
+
+
+def bench_lora_step(ctx):
+    a = ctx.args
+    base = build_model(ctx.preset, ctx.device)
+    batch = random_batch(base.config.vocab_size, ctx.batch_size, ctx.seq_len, ctx.device)
+    lora = copy.deepcopy(base)
+    info = add_lora(lora, a.lora_rank, a.lora_targets)
+    times = ctx.time({"full": make_train_step(base, batch), "lora": make_train_step(lora, batch)})
+    ctx.memo[("full_step", ctx.preset)] = times["full"]  # reused by the `train` measurement
+    full, lo = med(times["full"]), med(times["lora"])
+    what = f"LoRA step vs full FT step ({ctx.preset}, r={a.lora_rank} {a.lora_targets}, batch {ctx.shape})"
+    rows = [row("lora_step", what, full / lo, f"{full / lo:.2f}x faster ({full:.3f} s vs {lo:.3f} s)", "x")]
+    details = {"preset": ctx.preset, "batch": [ctx.batch_size, ctx.seq_len], "full_s": times["full"],
+               "lora_s": times["lora"], "trainable": info["trainable"], "total": info["total"]}
+    return rows, details
+
+
+def memory_worker(args):
+    """Hidden ``--_worker``: one training variant in a fresh process, its peak memory printed as JSON.
+
+    A fresh process per variant because the CPU's peak RSS is a high-water mark: once one variant has
+    run in a process, the other could never show a lower peak.
+    """
+    variant = args._worker
+    device = torch.device(args.device)
+    # Warm the runtime first: the first model and training step page in code and allocate torch's one-time
+    # state (~90 MB on a CPU), which belongs to the runtime, not to either variant.
+    warm = build_model("smoke", device)
+    make_train_step(warm, random_batch(warm.config.vocab_size, 1, 8, device))()
+    del warm
+    gc.collect()
+    before_model = current_memory_mb(device)  # Python + warmed torch runtime, none of the measured tensors
+    reset_peak_memory(device)  # the peak starts here: no transient of the imports or the warm-up counts
+    model = build_model(args.preset, device)
+    if variant == "lora":
+        add_lora(model, args.lora_rank, args.lora_targets)
+    after_model = current_memory_mb(device)
+    batch = random_batch(model.config.vocab_size, args.batch_size, args.seq_len, device)
+    step = make_train_step(model, batch)
+    for _ in range(3):  # AdamW creates its moments in step 1: steps 2-3 hold weights+grads+moments+activations
+        step()
+    print(json.dumps({"variant": variant, "before_model_mb": before_model, "after_model_mb": after_model,
+                      "peak_mb": peak_memory_mb(device)}))
+
+
+def run_memory_workers(ctx, variants=("full", "lora")):
+    """Run one ``--_worker`` process per variant, side by side (they measure memory, not time)."""
+    a = ctx.args
+    # glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, so without this the peak
+    # RSS measures fragmentation (~1 GB for both variants of `small`) rather than the tensors alive at the
+    # peak. A fixed 64 KiB threshold hands every tensor-sized block back to the OS when it is freed, so RSS
+    # follows live memory, the CPU counterpart of CUDA's max_memory_allocated. Other C libraries ignore it.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    procs = {}
+    for variant in variants:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", variant, "--device", str(ctx.device),
+               "--preset", ctx.preset, "--batch_size", str(ctx.batch_size), "--seq_len", str(ctx.seq_len),
+               "--lora_rank", str(a.lora_rank), "--lora_targets", a.lora_targets,
+               "--threads", str(torch.get_num_threads())]
+        procs[variant] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    results = {}
+    for variant, proc in procs.items():
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory worker '{variant}' failed (exit {proc.returncode}):\n{err[-3000:]}")
+        results[variant] = json.loads(out.strip().splitlines()[-1])
+    return results
+
+
+def bench_lora_memory(ctx):
+    workers = run_memory_workers(ctx)
+    full, lora = workers["full"], workers["lora"]
+    # Headline: peak minus the process's memory just before the model was built, i.e. what training holds
+    # (weights, gradients, AdamW moments, activations) without the Python + torch runtime (~0.3 GB of code,
+    # libraries and one-time state) that both processes carry. On CUDA: max_memory_allocated, same baseline.
+    used = {v: d["peak_mb"] - d["before_model_mb"] for v, d in (("full", full), ("lora", lora))}
+    extra = {v: d["peak_mb"] - d["after_model_mb"] for v, d in (("full", full), ("lora", lora))}
+    ratio, ratio_extra = used["lora"] / used["full"], extra["lora"] / max(extra["full"], 1e-9)
+    how = "max allocated" if ctx.device.type == "cuda" else "peak RSS above the runtime"
+    what = f"LoRA peak memory vs full FT ({ctx.preset}, batch {ctx.shape}, {how})"
+    rows = [row("lora_memory", what, ratio, f"{ratio:.2f}x ({used['lora']:.0f} MB vs {used['full']:.0f} MB; "
+                f"{ratio_extra:.2f}x without the weights)", "x")]
+    details = {"full": full, "lora": lora, "used_mb": used, "above_weights_mb": extra,
+               "ratio_above_weights": ratio_extra, "ratio_raw_peak": lora["peak_mb"] / full["peak_mb"],
+               "note": "value = (peak - memory before the model) ratio; ratio_above_weights subtracts the memory "
+                       "after model creation (weights identical in both), ratio_raw_peak subtracts nothing"}
+    return rows, details
+
+
+def forward_times(ctx):
+    """Base, merged-LoRA and unmerged-LoRA forward, timed together (shared by two measurements)."""
+    if "forward" in ctx.memo:
+        return ctx.memo["forward"]
+    a = ctx.args
+    base = build_model(ctx.preset, ctx.device).eval()
+    unmerged = copy.deepcopy(base)
+    add_lora(unmerged, a.lora_rank, a.lora_targets, random_b=True)
+    merged = merge_lora(copy.deepcopy(unmerged)).eval()
+    unmerged.eval()
+    batch = random_batch(base.config.vocab_size, ctx.batch_size, ctx.seq_len, ctx.device)
+
+    def fwd(m):
+        def f():
+            with torch.inference_mode():
+                return m(batch).logits
+        return f
+    # Same function either way: merged and unmerged must give the same logits, or we time the wrong thing.
+    diff = (fwd(merged)() - fwd(unmerged)()).abs().max().item()
+    # A forward is short: twice the rounds for a tighter median.
+    times = ctx.time({"base": fwd(base), "merged": fwd(merged), "unmerged": fwd(unmerged)}, 2 * ctx.repeats + 1)
+    ctx.memo["forward"] = (times, diff)
+    return ctx.memo["forward"]
+
+
+def bench_forward(ctx, variant):
+    times, diff = forward_times(ctx)
+    b, v = med(times["base"]), med(times[variant])
+    a = ctx.args
+    what = f"{variant}-LoRA forward vs base ({ctx.preset}, r={a.lora_rank} {a.lora_targets}, batch {ctx.shape})"
+    rows = [row(f"{variant}_forward", what, v / b, f"{v / b:.3f}x ({v * 1e3:.1f} ms vs {b * 1e3:.1f} ms)", "x")]
+    return rows, {"base_s": times["base"], f"{variant}_s": times[variant], "merged_vs_unmerged_max_abs_diff": diff}
+
+
+def decode_setup(ctx, dtype=torch.float32):
+    model = build_model(ctx.preset, ctx.device).eval().to(dtype)
+    prompt = random_batch(model.config.vocab_size, 1, ctx.args.prompt_len, ctx.device)  # (1, T_prompt)
+    return model, prompt
+
+
+def cached_decode_times(ctx):
+    """Batch-1 greedy decoding with the KV cache, fp32 (shared by `kv_cache` and `decode`)."""
+    if "decode" not in ctx.memo:
+        model, prompt = decode_setup(ctx)
+        times = ctx.time({"cached": lambda: greedy(model, prompt, ctx.new_tokens, use_cache=True)})["cached"]
+        ctx.memo["decode"] = (times, greedy(model, prompt, ctx.new_tokens, use_cache=True))
+    return ctx.memo["decode"]
+
+
+def bench_kv_cache(ctx):
+    times, tokens = cached_decode_times(ctx)
+    model, prompt = decode_setup(ctx)  # the same seeded weights and prompt as the cached runs
+    # Without the cache every step re-runs the whole prefix: O(N^2) work, so one run is enough (and long).
+    sync(ctx.device)
+    t0 = ctx.clock()
+    plain = greedy(model, prompt, ctx.new_tokens, use_cache=False)
+    sync(ctx.device)
+    uncached, cached = ctx.clock() - t0, med(times)
+    what = f"greedy decode, KV cache vs none ({ctx.preset}, batch 1, {ctx.new_tokens} new tokens)"
+    rows = [row("kv_cache", what, uncached / cached,
+                f"{uncached / cached:.1f}x faster ({uncached:.2f} s vs {cached:.2f} s)", "x")]
+    return rows, {"cached_s": times, "uncached_s": [uncached], "uncached_runs": 1,
+                  "tokens_identical": bool(torch.equal(tokens, plain))}
+
+
+def bench_decode(ctx):
+    times, _ = cached_decode_times(ctx)
+    tps = ctx.new_tokens / med(times)
+    what = f"decode tokens/s ({ctx.preset}, batch 1, {ctx.new_tokens} new tokens, fp32, KV cache)"
+    rows = [row("decode", what, tps, f"{tps:.1f} tok/s", "tok/s")]
+    details = {"fp32_s": times, "new_tokens": ctx.new_tokens, "prompt_len": ctx.args.prompt_len}
+    # bf16 for comparison: it halves the bytes read per token, but CPUs without native bf16 matmul
+    # (no AVX512-BF16/AMX) convert on the fly and are often slower; one run tells us which case we are in.
+    model, prompt = decode_setup(ctx, torch.bfloat16)
+    run = {"bf16": lambda: greedy(model, prompt, ctx.new_tokens, True)}
+    t = ctx.time(run, repeats=1)["bf16"]
+    if t[0] < 1.5 * med(times):  # close or faster: worth a proper median
+        t += ctx.time(run, repeats=ctx.repeats - 1, warmup=0)["bf16"]
+    bf = ctx.new_tokens / med(t)
+    rows.append(row("decode_bf16", what.replace("fp32", "bf16"), bf,
+                    f"{bf:.1f} tok/s ({bf / tps:.2f}x fp32, {'faster' if bf > tps else 'slower'})", "tok/s"))
+    details["bf16_s"] = t
+    return rows, details
+
+
+def padded_samples(docs, tokenizer, max_seq_len):
+    """The naive pretraining loader: one sample per document, padded to max_seq_len, labels -100 on pads."""
+    samples = []
+    for line in docs:
+        text = json.loads(line)["text"]
+        ids = [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id][:max_seq_len]  # as PretrainDataset
+        pad = max_seq_len - len(ids)
+        samples.append((torch.tensor(ids + [tokenizer.pad_id] * pad), torch.tensor(ids + [-100] * pad)))
+    return samples
+
+
+def bench_packing(ctx):
+    from dataset.lm_dataset import PretrainDataset  # imported here so the other measurements never need data
+    from model.tokenizer import load_tokenizer
+    a = ctx.args
+    corpus = repo_path(a.corpus)
+    if not corpus.is_file():
+        raise TinyMindError(f"--corpus {corpus} not found")
+    T, B, steps = ctx.seq_len, ctx.batch_size, a.packing_steps
+    with tempfile.TemporaryDirectory() as tmp:
+        # Both loaders read the same slice of the corpus (the first --corpus_docs documents).
+        with open(corpus, encoding="utf-8") as f:
+            docs = list(itertools.islice((line for line in f if line.strip()), ctx.corpus_docs))
+        sliced = Path(tmp) / "corpus.jsonl"
+        sliced.write_text("".join(docs), encoding="utf-8")
+        n = len(docs)
+        tok = load_tokenizer(a.tokenizer)
+        packed = PretrainDataset(str(sliced), tok, max_seq_len=T, cache_dir=tmp)
+        padded = padded_samples(docs, tok, T)
+        need = B * steps
+        if len(packed) < need or len(padded) < need:
+            raise TinyMindError(f"--corpus_docs {ctx.corpus_docs} gives {len(packed)} packed / {len(padded)} padded "
+                                f"samples; need {need} (= batch {B} x --packing_steps {steps}): raise --corpus_docs")
+        loaders = {name: torch.utils.data.DataLoader(ds, batch_size=B, shuffle=False, drop_last=True)
+                   for name, ds in (("packed", packed), ("padded", padded))}
+        # Each variant trains its own copy of the same model: a step costs the same (B x T either way),
+        # what differs is how many of those B*T positions are real text (labels != -100).
+        models = {name: build_model(ctx.packing_preset, ctx.device).train() for name in loaders}
+        opts = {name: build_optimizer(m, lr=1e-4, weight_decay=0.1) for name, m in models.items()}
+
+        def first_steps(name):
+            """``steps`` training steps on the loader's first batches; the loader's own time counts too."""
+            for _, (x, y) in zip(range(steps), loaders[name]):
+                x, y = x.to(ctx.device), y.to(ctx.device)
+                models[name](x, labels=y).loss.backward()
+                opts[name].step()
+                opts[name].zero_grad(set_to_none=True)
+
+        times = ctx.time({name: (lambda name=name: first_steps(name)) for name in loaders})
+        # Real tokens per batch, averaged over the whole slice (not just the few batches timed).
+        fill = {name: sum(int((y != -100).sum()) for _, y in ds) / (len(ds) * T)
+                for name, ds in (("packed", packed), ("padded", padded))}
+        rate = {name: fill[name] * B * T * steps / med(times[name]) for name in loaders}
+        n_packed = len(packed)
+        del loaders, packed  # release the token cache's memmap before its folder is removed
+    ratio = rate["packed"] / rate["padded"]
+    what = f"pretrain useful tokens/s, packed vs padded to {T} ({ctx.packing_preset}, batch {B}, {n} docs)"
+    rows = [row("packing", what, ratio,
+                f"{ratio:.2f}x ({rate['packed']:.0f} vs {rate['padded']:.0f} useful tok/s)", "x")]
+    details = {"useful_tokens_per_s": rate, "round_s": times, "steps_per_round": steps, "fill": fill,
+               "padded_fill": fill["padded"], "docs": n, "packed_samples": n_packed, "padded_samples": len(padded),
+               "truncated_docs": sum(int(y[-1] != -100) for _, y in padded)}
+    return rows, details
+
+
+def bench_train(ctx):
+    rows, details = [], {}
+    for preset in ctx.train_presets:
+        times = ctx.memo.get(("full_step", preset))  # `lora_step` may have timed this very step already
+        if times is None:
+            model = build_model(preset, ctx.device)
+            batch = random_batch(model.config.vocab_size, ctx.batch_size, ctx.seq_len, ctx.device)
+            times = ctx.time({"full": make_train_step(model, batch)})["full"]
+            del model
+        with torch.device("meta"):  # shapes only, no memory
+            n_params = TinyMindForCausalLM(get_config(preset)).num_parameters()
+        tps = ctx.batch_size * ctx.seq_len / med(times)
+        what = f"training tokens/s, full FT step ({preset}, {n_params / 1e6:.1f}M params, batch {ctx.shape}, fp32)"
+        rows.append(row(f"train_{preset}", what, tps, f"{tps:.0f} tok/s ({med(times):.3f} s/step)", "tok/s"))
+        details[preset] = {"step_s": times, "params": n_params}
+    return rows, details
+
+
+BENCHES = {
+    "lora_step": bench_lora_step,
+    "lora_memory": bench_lora_memory,
+    "merged_forward": lambda ctx: bench_forward(ctx, "merged"),
+    "unmerged_forward": lambda ctx: bench_forward(ctx, "unmerged"),
+    "kv_cache": bench_kv_cache,
+    "decode": bench_decode,
+    "packing": bench_packing,
+    "train": bench_train,
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# judging, reporting
+
+def judge(name, value, quick):
+    """(target text, status) for a row; rows without a target (extra rows, absolute figures) get '-'."""
+    if name not in TARGETS:
+        return "reported", "-"
+    op, thr = TARGETS[name]
+    text = f"1.00x ± {thr:.2f}" if op == "within" else f"{op} {thr:g}" + ("x" if name != "decode" else " tok/s")
+    ok = abs(value - 1.0) <= thr if op == "within" else (value >= thr if op == ">=" else value <= thr)
+    return text, ("not judged (quick)" if quick else ("PASS" if ok else "MISS"))
+
+
+def markdown_table(rows):
+    lines = ["| measurement | result | target | status |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['what']} | {r['result']} | {r['target']} | {r['status']} |" for r in rows]
+    return "\n".join(lines)
+
+
+def machine_info(device):
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "load_avg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def pick_device(arg):
+    if arg == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if arg != "cpu" and not arg.startswith("cuda"):
+        raise TinyMindError(f"--device {arg}: choose auto, cpu, cuda or cuda:N")
+    if arg.startswith("cuda") and not torch.cuda.is_available():
+        raise TinyMindError(f"--device {arg}: CUDA is not available on this machine (use --device cpu)")
+    return torch.device(arg)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="TinyMind bench: LoRA, KV-cache, packing and throughput ratios, "
+                                            "as a markdown table and JSON.")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    p.add_argument("--quick", action="store_true",
+                   help="toy sizes (smoke preset, batch 2x64, 24 tokens) and 1 repetition: every measurement "
+                        "runs in ~30 s, targets are not judged (CI)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repetitions per variant (medians are "
+                                                             "reported); default 5, 1 with --quick")
+    p.add_argument("--only", default=None,
+                   help=f"comma list of measurements to run (default: all): {', '.join(MEASUREMENTS)}")
+    p.add_argument("--out", default="out/bench.json",
+                   help="JSON result file, default out/bench.json (relative paths from the repo root)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's own choice; 1 with --quick)")
+    p.add_argument("--preset", default=None, help="model preset for the LoRA, forward and decode measurements "
+                                                  "(default small, smoke with --quick)")
+    p.add_argument("--batch_size", type=int, default=None, help="batch size of the training/forward batches "
+                                                                "(default 4 on CPU, 16 on CUDA, 2 with --quick)")
+    p.add_argument("--seq_len", type=int, default=None, help="tokens per sample (default 256, 64 with --quick)")
+    p.add_argument("--new_tokens", type=int, default=None, help="tokens to decode (default 256, 24 with --quick)")
+    p.add_argument("--prompt_len", type=int, default=16, help="prompt length for the decode measurements (default 16)")
+    p.add_argument("--lora_rank", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--lora_targets", default="all-linear",
+                   help="LoRA targets: name list, all-linear or re:REGEX (default all-linear)")
+    p.add_argument("--corpus", default="dataset/pretrain_demo.jsonl",
+                   help="pretraining corpus for `packing` (default dataset/pretrain_demo.jsonl)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json for `packing` (default: the shipped model/tokenizer.json)")
+    p.add_argument("--corpus_docs", type=int, default=None,
+                   help="use the first N documents of --corpus (default 2000, 200 with --quick)")
+    p.add_argument("--packing_preset", default=None,
+                   help="model preset for `packing` (default tiny, smoke with --quick)")
+    p.add_argument("--packing_steps", type=int, default=2,
+                   help="training steps per variant and repetition in `packing` (default 2)")
+    p.add_argument("--timer", choices=("wall", "cpu"), default="wall",
+                   help="wall (default): elapsed time, what you wait for; cpu: this process's CPU time, steadier "
+                        "on a machine shared with other jobs (use it with --threads 1; CPU only)")
+    p.add_argument("--check", action="store_true", help="exit with status 1 if a judged target is missed")
+    p.add_argument("--_worker", choices=("full", "lora"), default=None, help=argparse.SUPPRESS)  # lora_memory's child
+    args = p.parse_args(argv)
+    for flag in ("repeats", "batch_size", "seq_len", "new_tokens", "prompt_len", "lora_rank", "threads",
+                 "corpus_docs", "packing_steps"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise TinyMindError(f"--{flag} must be >= 1 (got {v})")
+    return args
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads or args.quick:
+        # Toy sizes gain nothing from threads, and one thread is far steadier on a machine shared with other jobs.
+        torch.set_num_threads(args.threads or 1)
+    try:
+        return memory_worker(args) if args._worker else run_bench(args, argv)
+    finally:
+        torch.set_num_threads(threads)  # main() called from Python (tests) leaves the caller's setting alone
+
+
+def run_bench(args, argv):
+    names = MEASUREMENTS if not args.only else tuple(s.strip() for s in args.only.split(",") if s.strip())
+    unknown = [n for n in names if n not in MEASUREMENTS]
+    if unknown or not names:
+        raise TinyMindError(f"--only {args.only!r}: unknown measurement {unknown}; "
+                            f"choose from {', '.join(MEASUREMENTS)}")
+    device = pick_device(args.device)
+    if args.timer == "cpu" and device.type != "cpu":
+        raise TinyMindError("--timer cpu measures CPU time and cannot see GPU work: "
+                            "use --timer wall with --device cuda")
+    for preset in filter(None, (args.preset, args.packing_preset)):
+        get_config(preset)  # an unknown preset fails now, with the list of choices, not minutes later
+    ctx = Ctx(args, device)
+    report = {"format": "tinymind-bench", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+              "command": "python scripts/bench.py " + shlex.join(argv), "machine": machine_info(device),
+              "settings": {"quick": args.quick, "preset": ctx.preset, "train_presets": list(ctx.train_presets),
+                           "packing_preset": ctx.packing_preset, "batch_size": ctx.batch_size,
+                           "seq_len": ctx.seq_len, "new_tokens": ctx.new_tokens, "repeats": ctx.repeats,
+                           "lora_rank": args.lora_rank, "lora_targets": args.lora_targets, "timer": args.timer},
+              "measurements": {}, "rows": []}
+    print(f"[bench] {report['machine']['cpu']} x{os.cpu_count()}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), device {device}", flush=True)
+    t_all = time.perf_counter()
+    for name in names:
+        t0 = time.perf_counter()
+        rows, details = BENCHES[name](ctx)
+        for r in rows:
+            r["target"], r["status"] = judge(r["name"], r["value"], args.quick)
+            print(f"[bench] {r['what']}: {r['result']} [{r['status']}]", flush=True)
+        report["measurements"][name] = {"rows": rows, "details": details, "seconds": time.perf_counter() - t0}
+        report["rows"] += rows
+        gc.collect()
+    report["seconds"] = time.perf_counter() - t_all
+    report["table"] = markdown_table(report["rows"])
+    print()
+    print(report["table"])
+    out = repo_path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    print(f"\n[bench] {report['seconds']:.0f} s; wrote {out}")
+    if args.check and any(r["status"] == "MISS" for r in report["rows"]):
+        sys.exit(1)
+    return report
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,187 @@
+"""Parameter counts quoted in the docs, computed from the code (never typed by hand).
+
+What this file implements:
+- ``preset_table``: every preset in ``model.model.PRESETS`` -- its shape, total parameters (tied
+  embedding counted once), the embedding's share and the parameters of one block;
+- ``lora_table``: trainable LoRA parameters and their share of the model for r in {4, 8, 16} (of the
+  total with the adapter, as trainer/train_lora.py prints it, and of the base alone), on the
+  ``tiny`` and ``small`` presets, for several target sets (the default list, ``all-linear``, attention
+  only, and the layers MiniMind's "square matrices only" rule would pick);
+- ``lora_layer_table``: the shapes of A and B for each target layer of one block (``tiny``, r = 8);
+- ``scaling_table``: ``LoRAConfig.scaling`` for alpha = 16 across ranks, plain and rsLoRA;
+- ``render_blocks`` / ``--update``: the docs hold these tables between ``<!-- doc_numbers:NAME -->``
+  markers; ``--update`` rewrites them there, and tests/test_docs.py fails when they differ.
+
+Models are built with the random initialisers switched off (``shapes_only``): the parameter shapes are the
+real ones, the values are never computed, so this runs in seconds.
+
+    python scripts/doc_numbers.py            # print the tables
+    python scripts/doc_numbers.py --update   # rewrite the marked tables in docs/*.md
+    python scripts/doc_numbers.py --check    # exit 1 if a marked table in docs/*.md is out of date
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+
+import torch
+import torch.nn as nn
+
+from model.common import ROOT, run_main
+from model.model import PRESETS, TinyMindForCausalLM, get_config
+from model.model_lora import DEFAULT_TARGETS, LoRAConfig, apply_lora
+
+RANKS = (4, 8, 16)
+LORA_PRESETS = ("tiny", "small")
+# (label in the table, targets string passed to apply_lora)
+TARGET_SETS = (
+    ("default (7 kinds)", DEFAULT_TARGETS),
+    ("all-linear", "all-linear"),
+    ("q_proj,v_proj", "q_proj,v_proj"),
+    ("square only: q_proj,o_proj", "q_proj,o_proj"),
+)
+BLOCK_RE = re.compile(r"(<!-- doc_numbers:(\w+) -->\n)(.*?)(<!-- /doc_numbers:\2 -->)", re.S)
+
+
+@contextmanager
+def shapes_only():
+    """Build modules with the random initialisers turned off: shapes are all we count. Weights are then
+    ``torch.empty`` memory that is never touched (the OS maps the pages only when written), so even the
+    104M ``base`` preset costs almost nothing to build."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_")
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
+def build(preset: str) -> TinyMindForCausalLM:
+    """A model of ``preset``: every parameter with its real shape, uninitialised values. The context length
+    only sizes the RoPE tables, which are buffers, not parameters: a short one skips computing them."""
+    with shapes_only():
+        return TinyMindForCausalLM(get_config(preset, max_position_embeddings=2))
+
+
+def fmt_m(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def preset_table() -> str:
+    rows = ["| preset | hidden | layers | heads (q / kv) | intermediate | context | parameters | "
+            "embedding share | one block |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in PRESETS:
+        model = build(name)
+        cfg = get_config(name)
+        total = model.num_parameters()
+        emb = model.model.embed_tokens.weight.numel()
+        block = sum(p.numel() for p in model.model.layers[0].parameters())
+        rows.append(f"| `{name}` | {cfg.hidden_size} | {cfg.num_hidden_layers} | {cfg.num_attention_heads} / "
+                    f"{cfg.num_key_value_heads} | {cfg.intermediate_size} | {cfg.max_position_embeddings} | "
+                    f"{total:,} ({fmt_m(total)}) | {100 * emb / total:.1f}% | {block:,} |")
+    return "\n".join(rows)
+
+
+def lora_counts(preset: str, rank: int, targets: str) -> dict:
+    """What apply_lora reports, plus the base model's own size."""
+    model = build(preset)
+    base = model.num_parameters()
+    with shapes_only():
+        info = apply_lora(model, LoRAConfig(rank=rank, alpha=2.0 * rank, targets=targets))
+    return dict(base=base, trainable=info["trainable"], total=info["total"], layers=len(info["wrapped"]))
+
+
+def lora_table() -> str:
+    rows = ["| preset | targets | wrapped layers | r | trainable | % of total | % of base | fp32 adapter |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for preset in LORA_PRESETS:
+        for label, targets in TARGET_SETS:
+            for r in RANKS:
+                c = lora_counts(preset, r, targets)
+                kib = c["trainable"] * 4 / 1024
+                rows.append(f"| `{preset}` | {label} | {c['layers']} | {r} | {c['trainable']:,} | "
+                            f"{100 * c['trainable'] / c['total']:.2f}% | {100 * c['trainable'] / c['base']:.2f}% | "
+                            f"{kib:,.0f} KiB |")
+    return "\n".join(rows)
+
+
+def lora_layer_table(preset: str = "tiny", rank: int = 8) -> str:
+    model = build(preset)
+    block = model.model.layers[0]
+    rows = [f"| layer (`{preset}`, r = {rank}) | W [out, in] | A [r, in] | B [out, r] | W parameters | "
+            f"A + B = r·(in + out) | ratio |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        lin = block.get_submodule(name)
+        o, i = lin.out_features, lin.in_features
+        lora = rank * (i + o)
+        rows.append(f"| `{name.split('.')[-1]}` | [{o}, {i}] | [{rank}, {i}] | [{o}, {rank}] | {o * i:,} | "
+                    f"{lora:,} | {100 * lora / (o * i):.1f}% |")
+    return "\n".join(rows)
+
+
+def scaling_table(alpha: float = 16.0, ranks=(1, 4, 8, 16, 64)) -> str:
+    """LoRAConfig.scaling for one alpha across ranks: alpha / r against rsLoRA's alpha / sqrt(r)."""
+    rows = [f"| r (alpha = {alpha:g}) | " + " | ".join(str(r) for r in ranks) + " |",
+            "| --- |" + " --- |" * len(ranks),
+            "| alpha / r | " + " | ".join(f"{LoRAConfig(rank=r, alpha=alpha).scaling:.4g}" for r in ranks) + " |",
+            "| rsLoRA: alpha / sqrt(r) | " + " | ".join(f"{LoRAConfig(rank=r, alpha=alpha, use_rslora=True).scaling:.4g}"
+                                                       for r in ranks) + " |"]
+    return "\n".join(rows)
+
+
+def render_blocks() -> dict[str, str]:
+    """Name -> markdown table, as the docs hold them between their markers."""
+    return {"presets": preset_table(), "lora": lora_table(), "lora_layers": lora_layer_table(),
+            "lora_scaling": scaling_table()}
+
+
+def update_docs(blocks: dict[str, str], write: bool) -> list[str]:
+    """Rewrite (or, with write=False, just compare) every marked block in docs/*.md; returns the stale ones."""
+    stale = []
+    for doc in sorted((ROOT / "docs").glob("*.md")):
+        text = doc.read_text(encoding="utf-8")
+
+        def sub(m):
+            name = m.group(2)
+            if name not in blocks:
+                return m.group(0)
+            if m.group(3).strip() != blocks[name].strip():
+                stale.append(f"{doc.relative_to(ROOT)}: {name}")
+            return f"{m.group(1)}{blocks[name].strip()}\n{m.group(4)}"
+
+        new = BLOCK_RE.sub(sub, text)
+        if write and new != text:
+            doc.write_text(new, encoding="utf-8")
+    return stale
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Print the parameter-count tables the docs quote, computed from the code.")
+    p.add_argument("--update", action="store_true", help="rewrite the <!-- doc_numbers:NAME --> tables in docs/*.md")
+    p.add_argument("--check", action="store_true", help="exit 1 when a marked table in docs/*.md is out of date")
+    args = p.parse_args(argv)
+    blocks = render_blocks()
+    for name, table in blocks.items():
+        print(f"<!-- doc_numbers:{name} -->\n{table}\n<!-- /doc_numbers:{name} -->\n")
+    if args.update or args.check:
+        stale = update_docs(blocks, write=args.update)
+        verb = "updated" if args.update else "out of date"
+        print(f"{verb}: {', '.join(stale) if stale else 'nothing'}")
+        if args.check and stale:
+            sys.exit(1)
+    return blocks
+
+
+if __name__ == "__main__":
+    run_main(main)

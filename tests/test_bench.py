@@ -1,0 +1,86 @@
+"""scripts/bench.py: the --quick run measures everything and writes it to JSON; flags and targets are checked."""
+import json
+import math
+
+import pytest
+import torch
+
+from model.common import TinyMindError
+from scripts.bench import MEASUREMENTS, judge, main
+
+
+def test_quick_bench_writes_every_measurement(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    main(["--quick", "--out", str(out)])
+    data = json.loads(out.read_text(encoding="utf-8"))
+
+    assert data["format"] == "tinymind-bench" and data["date"] and "--quick" in data["command"]
+    machine = data["machine"]
+    assert machine["torch"] == torch.__version__ and machine["cpu_count"] >= 1 and machine["device"] == "cpu"
+    assert machine["platform"]
+
+    assert list(data["measurements"]) == list(MEASUREMENTS)
+    for name, m in data["measurements"].items():
+        assert m["rows"], name
+        for r in m["rows"]:
+            assert math.isfinite(r["value"]) and r["value"] > 0, (name, r)
+            assert r["status"] in ("not judged (quick)", "-"), (name, r)  # quick mode never judges targets
+    names = [r["name"] for r in data["rows"]]
+    assert {"decode", "decode_bf16", "train_smoke", "train_tiny"} <= set(names)
+
+    d = data["measurements"]
+    assert d["kv_cache"]["details"]["tokens_identical"]  # the two decodes timed did the same work
+    assert d["merged_forward"]["details"]["merged_vs_unmerged_max_abs_diff"] < 1e-4
+    assert 0 < d["packing"]["details"]["padded_fill"] <= 1
+    mem = d["lora_memory"]["details"]
+    assert mem["full"]["peak_mb"] >= mem["full"]["after_model_mb"] >= mem["full"]["before_model_mb"] > 0
+
+    printed = capsys.readouterr().out
+    assert "| measurement | result | target | status |" in printed and str(out) in printed
+
+
+def test_lora_forward_matches_reference_formula():
+    """LoRALinear computes s * (x A^T) @ B^T (a faster backward for CPU BLAS): values and grads equal the textbook
+    base(x) + s * B(A(x)), with alpha != r so the scaling is not a power of two."""
+    from model.model_lora import LoRAConfig, LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(24, 40, bias=False).double())  # float64: only real differences show
+    layer.add_adapter("default", LoRAConfig(rank=4, alpha=7.0))
+    layer.active = ("default",)
+    torch.nn.init.normal_(layer.lora_B["default"], std=0.1)
+    A, B, W, s = layer.lora_A["default"], layer.lora_B["default"], layer.base.weight, layer.scaling["default"]
+    x = torch.randn(3, 5, 24, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 5, 40, dtype=torch.float64)
+
+    y = layer(x)
+    grads = torch.autograd.grad(y, (x, A, B, W), g)
+    ref = x @ W.t() + s * torch.nn.functional.linear(torch.nn.functional.linear(x, A), B)
+    ref_grads = torch.autograd.grad(ref, (x, A, B, W), g)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert B.grad is None and grads[2].shape == B.shape
+
+
+def test_judge_targets():
+    assert judge("lora_step", 1.31, quick=False) == (">= 1.3x", "PASS")
+    assert judge("lora_step", 1.29, quick=False)[1] == "MISS"
+    assert judge("lora_memory", 0.69, quick=False)[1] == "PASS"
+    assert judge("merged_forward", 0.98, quick=False)[1] == "PASS"
+    assert judge("merged_forward", 1.04, quick=False)[1] == "MISS"
+    assert judge("decode", 99.0, quick=False) == (">= 100 tok/s", "MISS")
+    assert judge("decode_bf16", 5.0, quick=False) == ("reported", "-")
+    assert judge("kv_cache", 2.0, quick=True)[1] == "not judged (quick)"
+
+
+def test_bad_flags_are_one_line_errors():
+    with pytest.raises(TinyMindError, match="unknown measurement.*choose from"):
+        main(["--only", "decode,nope"])
+    with pytest.raises(TinyMindError, match="unknown preset"):
+        main(["--preset", "huge", "--only", "decode"])
+    with pytest.raises(TinyMindError, match="--repeats must be >= 1"):
+        main(["--repeats", "0"])
+    if not torch.cuda.is_available():
+        with pytest.raises(TinyMindError, match="CUDA is not available"):
+            main(["--device", "cuda"])

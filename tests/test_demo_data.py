@@ -1,0 +1,199 @@
+"""Tests for the shipped demo data and its generator (dataset/make_demo_data.py).
+
+- determinism: two generations (one in another process, with another PYTHONHASHSEED) are byte-identical,
+  and equal to the files shipped in dataset/ (so the shipped data is reproducible);
+- schema: every line of every file parses and has the right keys, roles and types;
+- train/eval disjointness: no eval question is a user turn of a training file or appears in the
+  pretraining text; the pretrain-only people are never named in any chat file;
+- the LoRA knowledge is only in the LoRA files: medical conditions, departments and key symptoms are
+  absent from pretraining and SFT; the new persona is absent from them too;
+- sizes and counts stay in the ranges dataset/README.md promises.
+"""
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dataset import make_demo_data as G
+from dataset import world_chat as C
+from dataset import world_medical as M
+from model.common import ROOT
+
+SHIPPED = ROOT / "dataset"
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def gen(tmp_path_factory):
+    """Generate once into a temp dir (default seed); returns (folder, seconds taken)."""
+    out = tmp_path_factory.mktemp("demo_a")
+    t0 = time.time()
+    G.main(["--out_dir", str(out), "--no_stats"])
+    return out, time.time() - t0
+
+
+@pytest.fixture(scope="module")
+def data(gen):
+    out, _ = gen
+    return {rel: read_jsonl(out / rel) for rel in G.FILES}
+
+
+def chat_texts(convs):
+    return [m["content"] for c in convs for m in c["conversations"]]
+
+
+def user_turns(convs):
+    return {m["content"] for c in convs for m in c["conversations"] if m["role"] == "user"}
+
+
+def test_generation_is_fast_and_deterministic(gen, tmp_path):
+    out_a, seconds = gen
+    assert seconds < 60, f"generation took {seconds:.1f}s"
+    out_b = tmp_path / "demo_b"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}   # set/dict order must not leak into the files
+    subprocess.run([sys.executable, str(ROOT / "dataset/make_demo_data.py"), "--out_dir", str(out_b), "--no_stats"],
+                   check=True, env=env, capture_output=True, timeout=120)
+    for rel in G.FILES:
+        assert sha(out_a / rel) == sha(out_b / rel), f"{rel} differs between two runs with the same seed"
+
+
+def test_other_seed_gives_other_world():
+    a, b = G.build_world(42), G.build_world(7)
+    assert [p["name"] for p in a.people] != [p["name"] for p in b.people]
+
+
+def test_shipped_files_are_reproducible(gen):
+    out, _ = gen
+    for rel in G.FILES:
+        shipped = SHIPPED / rel
+        assert shipped.exists(), f"{shipped} missing: run python dataset/make_demo_data.py"
+        assert sha(shipped) == sha(out / rel), \
+            f"dataset/{rel} is not what the generator writes: run python dataset/make_demo_data.py"
+
+
+def test_schema(data):
+    for rec in data["pretrain_demo.jsonl"]:
+        assert set(rec) == {"text"} and isinstance(rec["text"], str) and rec["text"].strip()
+    for rel in ("sft_demo.jsonl", "lora_identity.jsonl", "lora_medical.jsonl"):
+        for n, rec in enumerate(data[rel], 1):
+            assert set(rec) == {"conversations"}, f"{rel} line {n}"
+            msgs = rec["conversations"]
+            if msgs[0]["role"] == "system":
+                msgs = msgs[1:]
+            assert msgs and len(msgs) % 2 == 0, f"{rel} line {n}: user/assistant pairs expected"
+            for i, m in enumerate(msgs):
+                assert set(m) == {"role", "content"}, f"{rel} line {n}"
+                assert m["role"] == ("user" if i % 2 == 0 else "assistant"), f"{rel} line {n}: roles must alternate"
+                assert isinstance(m["content"], str) and m["content"].strip(), f"{rel} line {n}: empty content"
+    ids = set()
+    for rel in ("eval/general_qa.jsonl", "eval/medical_qa.jsonl", "eval/identity.jsonl"):
+        for n, item in enumerate(data[rel], 1):
+            if rel == "eval/identity.jsonl":
+                assert set(item) - {"system"} == {"id", "question", "base_names", "new_names", "kind"}, f"{rel} line {n}"
+                assert item["base_names"] == ["TinyMind"] and item["new_names"] == [C.LORA_PERSONA["name"]]
+            else:
+                assert set(item) - {"system"} == {"id", "question", "answers", "kind", "reference"}, f"{rel} line {n}"
+                assert item["answers"] and all(isinstance(a, str) and a for a in item["answers"])
+                assert any(a in item["reference"] for a in item["answers"]), f"{rel} line {n}: reference lacks answer"
+                # echoing the question must never score
+                assert not any(a in item["question"] for a in item["answers"]), f"{rel} line {n}: answer in question"
+            assert item["id"] not in ids, f"{rel} line {n}: duplicate id"
+            ids.add(item["id"])
+            assert item["question"].strip()
+
+
+def test_sizes_and_counts(gen, data):
+    out, _ = gen
+    assert 5_000_000 <= (out / "pretrain_demo.jsonl").stat().st_size <= 8_000_000
+    assert 10_000 <= len(data["sft_demo.jsonl"]) <= 20_000
+    assert 600 <= len(data["lora_identity.jsonl"]) <= 1000
+    assert 1500 <= len(data["lora_medical.jsonl"]) <= 2500
+    assert len(M.CONDITIONS) >= 45
+    kinds = [it["kind"] for it in data["eval/general_qa.jsonl"]]
+    assert kinds.count("sft_fact_heldout_phrasing") >= 140 and kinds.count("pretrain_only_fact") >= 45
+    assert len(data["eval/identity.jsonl"]) >= 55
+    assert len(data["eval/medical_qa.jsonl"]) >= 140
+    sft = data["sft_demo.jsonl"]
+    assert sum(c["conversations"][0]["role"] == "system" for c in sft) > 500
+    assert sum(sum(m["role"] == "user" for m in c["conversations"]) > 1 for c in sft) > 500
+
+
+def test_eval_prompts_never_in_training(data):
+    train_prompts = set()
+    for rel in ("sft_demo.jsonl", "lora_identity.jsonl", "lora_medical.jsonl"):
+        train_prompts |= user_turns(data[rel])
+    pretrain = "\n".join(r["text"] for r in data["pretrain_demo.jsonl"])
+    for rel in ("eval/general_qa.jsonl", "eval/identity.jsonl", "eval/medical_qa.jsonl"):
+        for item in data[rel]:
+            assert item["question"] not in train_prompts, f"{rel}: {item['question']} is a training prompt"
+            assert item["question"] not in pretrain, f"{rel}: {item['question']} appears in pretraining text"
+
+
+def test_pretrain_only_people_only_in_pretraining(data):
+    world = G.build_world(42)
+    held = [p["name"] for p in world.people_in("pretrain_only")]
+    assert len(held) >= 0.2 * len(world.people)
+    chat = "\n".join(chat_texts(data["sft_demo.jsonl"]) + chat_texts(data["lora_identity.jsonl"])
+                     + chat_texts(data["lora_medical.jsonl"]))
+    pretrain = "\n".join(r["text"] for r in data["pretrain_demo.jsonl"])
+    for name in held:
+        assert name not in chat, f"pretrain-only person {name} appears in a chat file"
+        assert pretrain.count(name) >= 50, f"{name} is stated too rarely in pretraining"
+    subjects = [it for it in data["eval/general_qa.jsonl"] if it["kind"] == "pretrain_only_fact"]
+    assert subjects and all(any(n in it["question"] for n in held) for it in subjects)
+
+
+def test_lora_knowledge_absent_before_lora(data):
+    pretrain = "\n".join(r["text"] for r in data["pretrain_demo.jsonl"])
+    sft = "\n".join(chat_texts(data["sft_demo.jsonl"]))
+    medical = "\n".join(chat_texts(data["lora_medical.jsonl"]))
+    terms = set(M.CONDITIONS) | {d for d, *_ in M.CONDITIONS.values()}
+    terms |= {a for it in data["eval/medical_qa.jsonl"] for a in it["answers"]}   # department and key symptoms
+    for term in sorted(terms):
+        assert term not in pretrain, f"medical term {term!r} in pretraining"
+        assert term not in sft, f"medical term {term!r} in SFT data"
+        assert term in medical, f"medical term {term!r} never taught by lora_medical"
+    new_name, new_maker = C.LORA_PERSONA["name"], C.LORA_PERSONA["maker"]
+    for text, where in ((pretrain, "pretraining"), (sft, "SFT")):
+        assert new_name not in text and new_maker not in text, f"LoRA persona in {where}"
+    identity = "\n".join(chat_texts(data["lora_identity.jsonl"]))
+    assert "TinyMind" not in identity and identity.count(new_name) > 600
+    assert "TinyMind" not in medical
+    base, new = "tinymind", new_name + new_maker   # the two personas share no substring
+    assert not any(ch in base for ch in new.lower())
+
+
+def test_persona_answers_always_name_the_persona(data):
+    identity_prompts = {q for qs in C.IDENTITY_QUESTIONS.values() for q in qs}
+    for rel, name in (("sft_demo.jsonl", "TinyMind"), ("lora_identity.jsonl", C.LORA_PERSONA["name"])):
+        n = 0
+        for c in data[rel]:
+            msgs = [m for m in c["conversations"] if m["role"] != "system"]
+            if any(msgs[0]["content"].endswith(q) for q in identity_prompts):
+                assert name in msgs[1]["content"], f"{rel}: {msgs[1]['content']}"
+                n += 1
+        assert n > 500
+
+
+def test_chat_characters_are_trained_in_pretraining(data):
+    """Every character the chat/eval files use occurs in pretraining, so its embedding is trained there."""
+    from collections import Counter
+    counts = Counter("".join(r["text"] for r in data["pretrain_demo.jsonl"]))
+    chat = "".join(chat_texts(data["sft_demo.jsonl"]) + chat_texts(data["lora_identity.jsonl"])
+                   + chat_texts(data["lora_medical.jsonl"]))
+    chat += "".join(it["question"] for rel in ("eval/general_qa.jsonl", "eval/identity.jsonl",
+                                               "eval/medical_qa.jsonl") for it in data[rel])
+    rare = sorted(c for c in set(chat) if not c.isascii() and not c.isspace() and counts[c] < G.Sizes().min_char_count)
+    assert not rare, f"characters rare in pretraining: {''.join(rare)}"

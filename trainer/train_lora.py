@@ -1,0 +1,99 @@
+"""LoRA fine-tuning: teach a frozen TinyMind a new identity or new knowledge through small adapters.
+
+Loads ``out/{from_weight}_{hidden}.pth``, wraps the target linear layers with ``LoRALinear``
+(model/model_lora.py: y = W x + scaling * B (A x), only A and B train), and runs the same loop as
+pretraining and SFT (trainer/trainer_utils.py) on chat data with the assistant-only loss. Writes:
+    out/{lora_name}_{hidden}.pth          only the adapter (A/B tensors, LoRA config, base config and
+                                          fingerprint), e.g. out/lora_identity_192.pth
+    out/{lora_name}_{hidden}_resume.pth   adapter + optimizer + step + RNG for --from_resume 1
+    out/{lora_name}_{hidden}_log.csv      one row per log interval / validation pass
+    out/{lora_name}_{hidden}_loss.png     the loss curve (train + validation)
+
+CPU demo on the shipped data (run train_pretrain.py and train_sft.py first):
+    python trainer/train_lora.py                                   # lora_identity (the defaults)
+    python trainer/train_lora.py --lora_name lora_medical --data_path dataset/lora_medical.jsonl
+    python trainer/train_lora.py --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --use_rslora 1
+    python eval_llm.py --weight full_sft --lora_weight lora_identity    # chat with it
+One GPU / several GPUs:
+    python trainer/train_lora.py --device cuda --lora_name lora_medical --data_path dataset/lora_medical.jsonl
+    torchrun --nproc_per_node 2 trainer/train_lora.py --lora_name lora_medical \\
+        --data_path dataset/lora_medical.jsonl
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+
+import argparse
+
+from dataset.lm_dataset import SFTDataset, collate_batch
+from model.common import run_main
+from model.model_lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, save_lora
+from model.tokenizer import load_tokenizer
+from trainer.trainer_utils import (RunFiles, TrainConfig, add_common_args, check_tokenizer_fits, cleanup_distributed,
+                                   finish_run, load_from_weight, require_file, run_key, seed_everything,
+                                   setup_device, split_dataset, train_loop)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="TinyMind LoRA fine-tuning (frozen base, trainable low-rank adapters).")
+    # The output is named by --lora_name, so the common --weight flag is left out.
+    add_common_args(p, skip=("weight",), data_path="dataset/lora_identity.jsonl", epochs=3, batch_size=32,
+                    learning_rate=2e-3, max_seq_len=256, weight_decay=0.0)
+    p.add_argument("--lora_name", default="lora_identity",
+                   help="adapter name; writes {save_dir}/{lora_name}_{hidden}.pth (letters, digits, _)")
+    p.add_argument("--from_weight", default="full_sft",
+                   help="frozen base model: {save_dir}/{from_weight}_{hidden}.pth (default: full_sft)")
+    p.add_argument("--lora_rank", type=int, default=8, help="r, the inner size of B @ A (default: 8)")
+    p.add_argument("--lora_alpha", type=float, default=16.0,
+                   help="scaling numerator: scaling = alpha / r, or alpha / sqrt(r) with --use_rslora 1 (default: 16)")
+    p.add_argument("--lora_dropout", type=float, default=0.0,
+                   help="dropout on the LoRA branch's input only (default: 0)")
+    p.add_argument("--lora_targets", default=DEFAULT_TARGETS,
+                   help="layers to adapt: comma list of name suffixes, 'all-linear', or 're:<regex>' "
+                        f"(default: {DEFAULT_TARGETS})")
+    p.add_argument("--use_rslora", type=int, default=0, choices=[0, 1],
+                   help="1: rsLoRA scaling alpha / sqrt(r), stable across ranks (default: 0)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    tc = TrainConfig.from_args(args)
+    ctx = setup_device(args.device, args.dtype)
+    try:
+        # Everything that can fail on user input happens before anything is written.
+        data_path = require_file(args.data_path)
+        tok = load_tokenizer(args.tokenizer_path)
+        model, _, src = load_from_weight(args.save_dir, args.from_weight, args.hidden_size,
+                                         args.num_hidden_layers, args.preset)
+        config = model.config
+        check_tokenizer_fits(tok, config, args.max_seq_len, src.name)
+        dataset = SFTDataset(data_path, tok, args.max_seq_len, skip_bad_lines=bool(args.skip_bad_lines))
+        train_set, val_set = split_dataset(dataset, args.val_ratio, args.seed)
+
+        seed_everything(args.seed)  # the same A initialisation on every rank
+        lora_cfg = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets,
+                              dropout=args.lora_dropout, use_rslora=bool(args.use_rslora))
+        info = apply_lora(model, lora_cfg, adapter_name=args.lora_name)  # freezes every base weight
+        base = info["total"] - info["trainable"]
+        ctx.log(f"model: {src} (hidden {config.hidden_size}, {config.num_hidden_layers} layers)")
+        ctx.log(f"LoRA {args.lora_name}: rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g}, scaling "
+                f"{lora_cfg.scaling:.4g}, {len(info['wrapped'])} layers wrapped ({args.lora_targets})")
+        ctx.log(f"parameters: total {info['total']:,} (base {base:,} frozen), LoRA {info['trainable']:,} "
+                f"trainable = {100 * info['trainable'] / info['total']:.2f}% of total")
+        files = RunFiles.for_run(args.save_dir, args.lora_name, config.hidden_size)
+        metrics = train_loop(
+            model, train_set, val_set, collate_batch, tc, ctx, files,
+            save_weights=lambda m: save_lora(m, files.weights, adapter_name=args.lora_name,
+                                             from_weight=args.from_weight),
+            run=run_key(args, "lora", ctx, "from_weight", "lora_name", "lora_rank", "lora_alpha",
+                        "lora_dropout", "lora_targets", "use_rslora"),
+            resume=bool(args.from_resume))
+        return finish_run(metrics, ctx)
+    finally:
+        cleanup_distributed(ctx)
+
+
+if __name__ == "__main__":
+    run_main(main)

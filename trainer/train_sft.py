@@ -1,0 +1,77 @@
+"""Supervised fine-tuning (SFT): teach a pretrained TinyMind to answer in the ChatML chat format.
+
+Starts from ``out/{from_weight}_{hidden}.pth`` (the model is rebuilt from the config stored in that
+file), reads ``{"conversations": [...]}`` lines and trains on the assistant's tokens only (every other
+label is -100, dataset/lm_dataset.py). The loop is the same one pretraining uses
+(trainer/trainer_utils.py). Writes:
+    out/{weight}_{hidden}.pth          the weights + config (stage "sft"), e.g. out/full_sft_192.pth
+    out/{weight}_{hidden}_resume.pth   optimizer, step, RNG and data position for --from_resume 1
+    out/{weight}_{hidden}_log.csv      one row per log interval / validation pass
+    out/{weight}_{hidden}_loss.png     the loss curve (train + validation)
+
+CPU demo on the shipped data (the defaults; run trainer/train_pretrain.py first):
+    python trainer/train_sft.py
+    python trainer/train_sft.py --from_resume 1              # continue after Ctrl-C
+One GPU / several GPUs:
+    python trainer/train_sft.py --device cuda --data_path dataset/sft_mini_512.jsonl --max_seq_len 512 \\
+        --batch_size 32 --learning_rate 5e-4
+    torchrun --nproc_per_node 2 trainer/train_sft.py --data_path dataset/sft_mini_512.jsonl \\
+        --max_seq_len 512 --batch_size 32 --learning_rate 5e-4
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
+
+import argparse
+
+from dataset.lm_dataset import SFTDataset, collate_batch
+from model.common import run_main
+from model.model import save_model
+from model.tokenizer import load_tokenizer
+from trainer.trainer_utils import (RunFiles, TrainConfig, add_common_args, check_tokenizer_fits, cleanup_distributed,
+                                   count_parameters, finish_run, load_from_weight, require_file, run_key,
+                                   seed_everything, setup_device, split_dataset, train_loop)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="TinyMind supervised fine-tuning (assistant-only loss on chat data).")
+    add_common_args(p, weight="full_sft", data_path="dataset/sft_demo.jsonl",
+                    epochs=1, batch_size=32, learning_rate=1e-3, max_seq_len=256)
+    p.add_argument("--from_weight", default="pretrain",
+                   help="start from {save_dir}/{from_weight}_{hidden}.pth (default: pretrain)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    tc = TrainConfig.from_args(args)
+    ctx = setup_device(args.device, args.dtype)
+    try:
+        # Everything that can fail on user input happens before anything is written.
+        data_path = require_file(args.data_path)
+        tok = load_tokenizer(args.tokenizer_path)
+        model, _, src = load_from_weight(args.save_dir, args.from_weight, args.hidden_size,
+                                         args.num_hidden_layers, args.preset)
+        config = model.config
+        check_tokenizer_fits(tok, config, args.max_seq_len, src.name)
+        dataset = SFTDataset(data_path, tok, args.max_seq_len, skip_bad_lines=bool(args.skip_bad_lines))
+        train_set, val_set = split_dataset(dataset, args.val_ratio, args.seed)
+
+        seed_everything(args.seed)
+        total, _ = count_parameters(model)
+        ctx.log(f"model: {src} (hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
+                f"{total / 1e6:.2f}M parameters)")
+        files = RunFiles.for_run(args.save_dir, args.weight, config.hidden_size)
+        metrics = train_loop(
+            model, train_set, val_set, collate_batch, tc, ctx, files,
+            save_weights=lambda m: save_model(m, files.weights, stage="sft", weight=args.weight,
+                                              from_weight=args.from_weight),
+            run=run_key(args, "sft", ctx, "from_weight"), resume=bool(args.from_resume))
+        return finish_run(metrics, ctx)
+    finally:
+        cleanup_distributed(ctx)
+
+
+if __name__ == "__main__":
+    run_main(main)
