@@ -33,8 +33,10 @@ class Attribute:
     canonical_weight: int = 3     # how much more often pretraining uses the canonical answer form
 
 
-# Question shapes shared by all attributes with a noun phrase. Each attribute gets 8 phrasings
-# (its own first, then generic ones, rotated per attribute); 2 of the 8 are held out for eval.
+# Question shapes shared by all attributes with a noun phrase. Each attribute gets 10 phrasings: its own
+# 4, then 6 generic ones (rotated per attribute). 2 of the generic ones are held out for eval: the shape
+# is seen in training with other attributes and the noun with other shapes, but never this combination.
+# (Attributes without a noun phrase have 8 phrasings of their own; 2 of them are held out.)
 GENERIC_QUESTIONS = (
     "{s}{n}是什么？",
     "请问{s}{n}是什么？",
@@ -45,7 +47,7 @@ GENERIC_QUESTIONS = (
     "{s}{n}是？",
     "能说说{s}{n}吗？",
 )
-QUESTIONS_PER_ATTRIBUTE = 8
+QUESTIONS_PER_ATTRIBUTE = 10
 HELDOUT_PER_ATTRIBUTE = 2
 
 
@@ -67,26 +69,23 @@ GIVEN_NAMES_M = (
     "清扬 怀瑾 致远 星河 云飞 乐天 启航 嘉树 安邦 宏图 正阳 锦程 书豪 思聪 子健 晨阳 铭宇 梓豪 国强 少华"
 ).split()
 
-NUM_PEOPLE = 120
+NUM_PEOPLE = 64
 PRETRAIN_ONLY_SHARE = 0.25   # people whose facts appear only in pretraining (never asked in SFT)
 
 PRONOUN = {"F": "她", "M": "他"}
 
 JOBS = ("医生", "老师", "厨师", "司机", "警察", "农民", "画家", "歌手", "记者", "律师",
-        "工程师", "护士", "消防员", "飞行员", "科学家", "作家", "邮递员", "理发师", "木匠", "摄影师")
+        "工程师", "护士", "消防员", "科学家", "作家", "邮递员")
 HOMETOWNS = ("北京", "上海", "广州", "深圳", "杭州", "南京", "成都", "重庆", "西安", "武汉",
-             "长沙", "昆明", "厦门", "青岛", "大连", "哈尔滨", "苏州", "天津", "拉萨", "桂林")
+             "长沙", "昆明", "厦门", "青岛", "哈尔滨", "拉萨")
 HOBBIES = ("画画", "唱歌", "跳舞", "钓鱼", "下棋", "爬山", "游泳", "跑步", "读书", "弹钢琴",
-           "踢足球", "打篮球", "种花", "拍照", "放风筝", "骑自行车")
-FOODS = ("饺子", "面条", "包子", "馄饨", "火锅", "烤鸭", "豆腐", "西瓜", "苹果", "香蕉",
-         "蛋糕", "月饼", "粽子", "汤圆", "红烧肉", "葡萄")
+           "踢足球", "放风筝")
+FOODS = ("饺子", "面条", "包子", "火锅", "烤鸭", "豆腐", "西瓜", "苹果", "蛋糕", "月饼", "汤圆", "葡萄")
 PETS = ({"v": "狗", "cl": "只"}, {"v": "猫", "cl": "只"}, {"v": "兔子", "cl": "只"}, {"v": "仓鼠", "cl": "只"},
-        {"v": "鹦鹉", "cl": "只"}, {"v": "金鱼", "cl": "条"}, {"v": "乌龟", "cl": "只"}, {"v": "刺猬", "cl": "只"},
-        {"v": "八哥", "cl": "只"})
+        {"v": "鹦鹉", "cl": "只"}, {"v": "金鱼", "cl": "条"}, {"v": "乌龟", "cl": "只"}, {"v": "八哥", "cl": "只"})
 COLORS = ("红色", "蓝色", "绿色", "黄色", "紫色", "白色", "黑色", "橙色", "粉色", "灰色")
 
-PERSON_VALUES = {"job": JOBS, "hometown": HOMETOWNS, "hobby": HOBBIES, "food": FOODS,
-                 "pet": PETS, "color": COLORS}
+PERSON_VALUES = {"job": JOBS, "hometown": HOMETOWNS, "hobby": HOBBIES, "food": FOODS, "pet": PETS}
 
 PERSON_ATTRS = (
     Attribute(
@@ -119,12 +118,6 @@ PERSON_ATTRS = (
          "{s}很爱自己养的那{cl}{v}。", "{s}有一{cl}可爱的{v}。"),
         ("{s}养了什么宠物？", "{s}家里养的是什么动物？", "{s}养的宠物是什么？", "{s}有什么宠物？"),
         noun="的宠物"),
-    Attribute(
-        "color", "最喜欢的颜色", "{s}最喜欢的颜色是{v}。",
-        ("{s}最喜欢的颜色是{v}。", "{s}最喜欢{v}。", "{v}是{s}最喜欢的颜色。", "{s}的衣服大多是{v}的。",
-         "在所有颜色里，{s}最爱{v}。", "{s}特别喜欢{v}。"),
-        ("{s}喜欢什么颜色？", "{s}最喜欢哪种颜色？", "{s}最爱什么颜色？", "{s}偏爱哪种颜色？"),
-        noun="最喜欢的颜色"),
 )
 
 
@@ -176,40 +169,17 @@ ANIMALS = {
     "大象": {"class": "哺乳动物", "food": "青草", "habitat": "草原", "feature": V("鼻子又长又灵活", "鼻子"), "legs": _N4},
     "长颈鹿": {"class": "哺乳动物", "food": "树叶", "habitat": "草原", "feature": V("脖子特别长", "脖子"), "legs": _N4},
     "老虎": {"class": "哺乳动物", "food": "肉", "habitat": "森林", "feature": V("身上有黑色的条纹", "条纹"), "legs": _N4},
-    "狮子": {"class": "哺乳动物", "food": "肉", "habitat": "草原", "feature": V("雄狮的脖子上长着鬃毛", "鬃毛")},
     "猴子": {"class": "哺乳动物", "food": "香蕉", "habitat": "森林", "feature": V("很会爬树", "爬树")},
     "兔子": {"class": "哺乳动物", "food": "胡萝卜", "habitat": "草地", "feature": V("耳朵长长的", "耳朵"), "legs": _N4},
     "狗": {"class": "哺乳动物", "food": "骨头", "habitat": "人们家里", "feature": V("嗅觉非常灵敏", "嗅觉"), "legs": _N4},
     "猫": {"class": "哺乳动物", "food": "鱼", "habitat": "人们家里", "feature": V("会抓老鼠", "老鼠"), "legs": _N4},
-    "牛": {"class": "哺乳动物", "food": "青草", "habitat": "农场", "feature": V("力气很大，能帮人耕地", "耕地"), "legs": _N4},
-    "羊": {"class": "哺乳动物", "food": "青草", "habitat": "山坡", "feature": V("身上长着厚厚的羊毛", "羊毛"), "legs": _N4},
-    "马": {"class": "哺乳动物", "food": "干草", "habitat": "草原", "feature": V("跑得又快又远", "跑得")},
     "骆驼": {"class": "哺乳动物", "food": "沙漠里的野草", "habitat": "沙漠", "feature": V("背上有驼峰", "驼峰")},
     "袋鼠": {"class": "哺乳动物", "food": "嫩草", "habitat": "澳大利亚的草原", "feature": V("肚子上有一个育儿袋", "育儿袋")},
-    "鲸鱼": {"class": "哺乳动物", "food": "磷虾", "habitat": "海洋", "feature": V("是世界上最大的动物", "最大")},
-    "海豚": {"class": "哺乳动物", "food": "小鱼", "habitat": "大海", "feature": V("非常聪明", "聪明")},
     "北极熊": {"class": "哺乳动物", "food": "海豹", "habitat": "北极", "feature": V("全身长着白色的毛", "白色的毛")},
-    "松鼠": {"class": "哺乳动物", "food": "松子", "habitat": "树林", "feature": V("尾巴又大又蓬松", "尾巴")},
-    "刺猬": {"class": "哺乳动物", "food": "虫子", "habitat": "灌木丛", "feature": V("身上长满了刺", "刺")},
-    "蝙蝠": {"class": "哺乳动物", "food": "飞虫", "habitat": "山洞", "feature": V("白天倒挂着睡觉", "倒挂")},
     "企鹅": {"class": "鸟类", "food": "鱼虾", "habitat": "南极", "feature": V("不会飞，但是很会游泳", "不会飞"), "legs": _N2},
-    "老鹰": {"class": "鸟类", "food": "野兔", "habitat": "高山", "feature": V("眼睛非常锐利", "锐利")},
-    "猫头鹰": {"class": "鸟类", "food": "田鼠", "habitat": "森林", "feature": V("夜里出来捕食", "夜里")},
-    "鹦鹉": {"class": "鸟类", "food": "种子", "habitat": "热带雨林", "feature": V("会学人说话", "说话")},
-    "燕子": {"class": "鸟类", "food": "蚊子", "habitat": "屋檐下", "feature": V("尾巴像一把剪刀", "剪刀")},
-    "啄木鸟": {"class": "鸟类", "food": "树皮下的虫子", "habitat": "树林", "feature": V("能用嘴在树上啄洞", "啄洞")},
-    "孔雀": {"class": "鸟类", "food": "谷粒", "habitat": "雨林", "feature": V("开屏的时候非常漂亮", "开屏")},
-    "鸡": {"class": "鸟类", "food": "谷子", "habitat": "农家院子", "feature": V("公鸡每天早上打鸣", "打鸣"), "legs": _N2},
     "鸭子": {"class": "鸟类", "food": "小虾", "habitat": "池塘", "feature": V("脚上有蹼", "蹼"), "legs": _N2},
-    "金鱼": {"class": "鱼类", "food": "水草", "habitat": "鱼缸", "feature": V("尾巴像一条飘动的裙子", "裙子")},
-    "鲨鱼": {"class": "鱼类", "food": "海里的小动物", "habitat": "深海", "feature": V("牙齿又多又锋利", "牙齿")},
-    "乌龟": {"class": "爬行动物", "food": "小鱼小虾", "habitat": "河边", "feature": V("背着一个硬硬的壳", "壳"), "legs": _N4},
-    "蛇": {"class": "爬行动物", "food": "老鼠", "habitat": "草丛", "feature": V("没有腿，靠身体爬行", "没有腿")},
-    "鳄鱼": {"class": "爬行动物", "food": "大鱼", "habitat": "河流", "feature": V("嘴巴很大，咬合力很强", "嘴巴")},
     "青蛙": {"class": "两栖动物", "food": "害虫", "habitat": "稻田", "feature": V("小时候是蝌蚪", "蝌蚪"), "legs": _N4},
     "蜜蜂": {"class": "昆虫", "food": "花蜜", "habitat": "蜂巢", "feature": V("会酿蜂蜜", "酿蜂蜜"), "legs": _N6},
-    "蝴蝶": {"class": "昆虫", "food": "花粉", "habitat": "花丛", "feature": V("翅膀五颜六色", "翅膀"), "legs": _N6},
-    "蚂蚁": {"class": "昆虫", "food": "面包屑", "habitat": "地下的洞穴", "feature": V("力气大，能搬比自己重的东西", "搬"), "legs": _N6},
     "蜘蛛": {"feature": V("会织网捉虫子", "织网"), "habitat": "墙角", "food": "小飞虫", "legs": _N8},
 }
 
@@ -226,35 +196,20 @@ CITY_ATTRS = (
               ("{s}的特色美食是{v}。", "去{s}一定要尝尝{v}。", "{v}是{s}有名的美食。", "{s}人常吃{v}。"),
               ("{s}有什么好吃的？", "去{s}应该吃什么？", "{s}有什么特色美食？", "{s}的特色小吃是什么？"),
               noun="的特色美食"),
-    Attribute("region", "南方还是北方", "{s}在中国的{v}。",
-              ("{s}在中国的{v}。", "{s}是一座{v}城市。", "从地理位置看，{s}属于{v}。"),
-              ("{s}在南方还是北方？", "{s}是南方城市还是北方城市？", "{s}位于中国的南方还是北方？",
-               "{s}属于北方还是南方？", "请问{s}在南方还是在北方？", "{s}算南方还是北方？",
-               "你知道{s}在南方还是北方吗？", "{s}是北方的城市还是南方的城市？")),
 )
 CITIES = {
-    "北京": {"sight": "故宫", "dish": "烤鸭", "region": "北方"},
-    "上海": {"sight": "外滩", "dish": "小笼包", "region": "南方"},
-    "广州": {"province": "广东", "sight": "广州塔", "dish": "肠粉", "region": "南方"},
-    "深圳": {"province": "广东", "sight": "世界之窗", "region": "南方"},
-    "杭州": {"province": "浙江", "sight": "西湖", "dish": "龙井茶", "region": "南方"},
-    "南京": {"province": "江苏", "sight": "中山陵", "dish": "盐水鸭", "region": "南方"},
-    "成都": {"province": "四川", "sight": "宽窄巷子", "dish": "麻婆豆腐", "region": "南方"},
-    "重庆": {"sight": "洪崖洞", "dish": "火锅", "region": "南方"},
-    "西安": {"province": "陕西", "sight": "兵马俑", "dish": "肉夹馍", "region": "北方"},
-    "武汉": {"province": "湖北", "sight": "黄鹤楼", "dish": "热干面", "region": "南方"},
-    "长沙": {"province": "湖南", "sight": "岳麓山", "dish": "臭豆腐", "region": "南方"},
-    "昆明": {"province": "云南", "sight": "滇池", "dish": "过桥米线", "region": "南方"},
-    "厦门": {"province": "福建", "sight": "鼓浪屿", "dish": "沙茶面", "region": "南方"},
-    "青岛": {"province": "山东", "sight": "栈桥", "dish": "海鲜", "region": "北方"},
-    "大连": {"province": "辽宁", "sight": "星海广场", "region": "北方"},
-    "哈尔滨": {"province": "黑龙江", "sight": "中央大街", "dish": "红肠", "region": "北方"},
-    "苏州": {"province": "江苏", "sight": "拙政园", "region": "南方"},
-    "天津": {"sight": "五大道", "dish": "煎饼果子", "region": "北方"},
+    "北京": {"sight": "故宫", "dish": "烤鸭"},
+    "上海": {"sight": "外滩", "dish": "小笼包"},
+    "广州": {"province": "广东", "sight": "广州塔", "dish": "肠粉"},
+    "杭州": {"province": "浙江", "sight": "西湖", "dish": "龙井茶"},
+    "南京": {"province": "江苏", "sight": "中山陵", "dish": "盐水鸭"},
+    "成都": {"province": "四川", "sight": "宽窄巷子", "dish": "麻婆豆腐"},
+    "重庆": {"sight": "洪崖洞", "dish": "火锅"},
+    "西安": {"province": "陕西", "sight": "兵马俑", "dish": "肉夹馍"},
+    "武汉": {"province": "湖北", "sight": "黄鹤楼", "dish": "热干面"},
+    "长沙": {"province": "湖南", "sight": "岳麓山", "dish": "臭豆腐"},
+    "哈尔滨": {"province": "黑龙江", "sight": "中央大街", "dish": "红肠"},
     "拉萨": {"province": "西藏", "sight": "布达拉宫", "dish": "酥油茶"},
-    "桂林": {"province": "广西", "sight": "漓江", "dish": "米粉", "region": "南方"},
-    "兰州": {"province": "甘肃", "sight": "中山桥", "dish": "牛肉面", "region": "北方"},
-    "洛阳": {"province": "河南", "sight": "龙门石窟", "dish": "水席", "region": "北方"},
 }
 
 COUNTRY_ATTRS = (
@@ -270,22 +225,12 @@ COUNTRY_ATTRS = (
 COUNTRIES = {
     "中国": {"capital": "北京", "continent": "亚洲"},
     "日本": {"capital": "东京", "continent": "亚洲"},
-    "韩国": {"capital": "首尔", "continent": "亚洲"},
-    "印度": {"capital": "新德里", "continent": "亚洲"},
     "法国": {"capital": "巴黎", "continent": "欧洲"},
     "英国": {"capital": "伦敦", "continent": "欧洲"},
-    "德国": {"capital": "柏林", "continent": "欧洲"},
-    "意大利": {"capital": "罗马", "continent": "欧洲"},
-    "西班牙": {"capital": "马德里", "continent": "欧洲"},
     "俄罗斯": {"capital": "莫斯科"},
     "美国": {"capital": "华盛顿", "continent": "北美洲"},
-    "加拿大": {"capital": "渥太华", "continent": "北美洲"},
-    "巴西": {"capital": "巴西利亚", "continent": "南美洲"},
-    "阿根廷": {"capital": "布宜诺斯艾利斯", "continent": "南美洲"},
     "埃及": {"capital": "开罗", "continent": "非洲"},
-    "肯尼亚": {"capital": "内罗毕", "continent": "非洲"},
     "澳大利亚": {"capital": "堪培拉", "continent": "大洋洲"},
-    "新西兰": {"capital": "惠灵顿", "continent": "大洋洲"},
 }
 
 FOOD_ATTRS = (
@@ -315,32 +260,16 @@ FOODS_WORLD = {
     "香蕉": {"kind": "水果", "taste": "甜", "color": "黄色"},
     "柠檬": {"kind": "水果", "taste": "酸", "color": "黄色"},
     "葡萄": {"kind": "水果", "taste": "甜", "color": "紫色"},
-    "草莓": {"kind": "水果", "taste": "甜", "color": "红色"},
-    "橙子": {"kind": "水果", "taste": "甜", "color": "橙色"},
-    "桃子": {"kind": "水果", "taste": "甜", "color": "粉色"},
-    "芒果": {"kind": "水果", "taste": "甜", "color": "黄色"},
     "西瓜": {"kind": "水果", "taste": "甜"},
-    "黄瓜": {"kind": "蔬菜", "color": "绿色"},
     "西红柿": {"kind": "蔬菜", "taste": "酸", "color": "红色"},
     "茄子": {"kind": "蔬菜", "color": "紫色"},
-    "胡萝卜": {"kind": "蔬菜", "color": "橙色"},
     "辣椒": {"kind": "蔬菜", "taste": "辣", "color": "红色"},
-    "苦瓜": {"kind": "蔬菜", "taste": "苦", "color": "绿色"},
-    "菠菜": {"kind": "蔬菜", "color": "绿色"},
     "米饭": {"kind": "主食", "color": "白色", "material": "大米"},
-    "馒头": {"kind": "主食", "color": "白色", "material": "面粉"},
-    "面条": {"kind": "主食", "material": "面粉"},
     "饺子": {"festival": "春节", "material": V("面粉和肉馅", "面粉")},
     "粽子": {"festival": "端午节", "material": "糯米"},
     "月饼": {"festival": "中秋节"},
-    "汤圆": {"festival": "元宵节", "material": V("糯米粉", "糯米")},
-    "重阳糕": {"festival": "重阳节"},
     "豆腐": {"color": "白色", "material": "黄豆"},
-    "豆浆": {"kind": "饮品", "color": "白色", "material": "黄豆"},
     "牛奶": {"kind": "饮品", "color": "白色"},
-    "咖啡": {"kind": "饮品", "taste": "苦"},
-    "蛋糕": {"kind": "点心", "taste": "甜"},
-    "巧克力": {"kind": "点心", "taste": "甜", "color": "棕色"},
 }
 
 PLANT_ATTRS = (
@@ -371,22 +300,9 @@ PLANTS = {
     "梅花": {"kind": "花卉", "season": "冬天", "color": "红色", "feature": V("不怕寒冷", "寒冷")},
     "菊花": {"kind": "花卉", "season": "秋天", "color": "黄色"},
     "向日葵": {"kind": "花卉", "season": "夏天", "color": "黄色", "feature": V("花盘总是朝着太阳", "太阳")},
-    "玫瑰": {"kind": "花卉", "color": "红色", "feature": V("茎上有刺", "刺")},
-    "牡丹": {"kind": "花卉", "season": "春天", "feature": V("被称为花中之王", "花中之王")},
-    "水仙": {"kind": "花卉", "season": "冬天", "color": "白色", "place": "清水里"},
-    "油菜花": {"kind": "花卉", "season": "春天", "color": "黄色", "place": "田野"},
     "仙人掌": {"place": "沙漠", "feature": V("身上长满了尖刺", "尖刺")},
     "松树": {"kind": "树木", "place": "山上", "feature": V("一年四季都是绿色的", "四季")},
-    "柳树": {"kind": "树木", "place": "河边", "feature": V("枝条又细又长", "枝条")},
-    "枫树": {"kind": "树木", "feature": V("秋天叶子会变红", "变红")},
-    "银杏": {"kind": "树木", "feature": V("秋天叶子会变黄", "变黄")},
-    "竹子": {"place": "竹林", "feature": V("长得非常快", "长得")},
     "水稻": {"kind": "农作物", "place": "水田", "feature": V("结出的种子就是大米", "大米")},
-    "小麦": {"kind": "农作物", "place": "麦田", "feature": V("种子可以磨成面粉", "面粉")},
-    "玉米": {"kind": "农作物", "feature": V("棒子上长满了金黄的颗粒", "棒子")},
-    "棉花": {"kind": "农作物", "feature": V("可以用来做衣服和被子", "衣服")},
-    "茶树": {"kind": "树木", "place": "山坡", "feature": V("叶子可以做成茶叶", "茶叶")},
-    "蒲公英": {"season": "春天", "feature": V("种子像小伞一样随风飘走", "小伞")},
 }
 
 OBJECT_ATTRS = (
@@ -405,27 +321,11 @@ OBJECTS = {
     "钥匙": {"use": V("开锁", "开锁")},
     "冰箱": {"use": V("冷藏食物", "冷藏"), "room": "厨房"},
     "铅笔": {"use": V("写字和画画", "写字"), "room": "书房"},
-    "橡皮": {"use": V("擦掉写错的字", "擦掉")},
-    "尺子": {"use": V("量长度和画直线", "长度")},
     "闹钟": {"use": V("叫人按时起床", "起床"), "room": "卧室"},
-    "梳子": {"use": V("梳头发", "梳头")},
     "牙刷": {"use": V("刷牙", "刷牙"), "room": "卫生间"},
-    "扫帚": {"use": V("扫地", "扫地")},
-    "锤子": {"use": V("敲钉子", "钉子")},
     "筷子": {"use": V("夹菜吃饭", "夹菜"), "room": "厨房"},
-    "锅": {"use": V("炒菜做饭", "炒菜"), "room": "厨房"},
-    "台灯": {"use": V("照亮书桌", "照亮"), "room": "书房"},
-    "书包": {"use": V("装课本和文具", "课本")},
-    "风扇": {"use": V("吹风解暑", "吹风"), "room": "客厅"},
-    "眼镜": {"use": V("帮人看清东西", "看清")},
-    "毛巾": {"use": V("擦干脸和手", "擦干"), "room": "卫生间"},
-    "枕头": {"use": V("睡觉时垫着头", "垫"), "room": "卧室"},
     "地图": {"use": V("找路", "找路")},
-    "指南针": {"use": V("辨别方向", "方向")},
     "温度计": {"use": V("测量温度", "温度")},
-    "沙发": {"use": V("坐着休息", "坐"), "room": "客厅"},
-    "电视": {"use": V("看节目", "节目"), "room": "客厅"},
-    "洗衣机": {"use": V("清洗脏衣服", "清洗"), "room": "阳台"},
 }
 
 PROFESSION_ATTRS = (
@@ -444,25 +344,15 @@ PROFESSION_ATTRS = (
 )
 PROFESSIONS = {
     "医生": {"place": "医院", "tool": "听诊器", "duty": V("给病人看病", "看病")},
-    "护士": {"place": "病房", "tool": "体温计", "duty": V("照顾病人", "照顾")},
     "老师": {"place": "学校", "tool": "粉笔", "duty": V("给学生上课", "上课")},
     "厨师": {"place": "饭店", "tool": "菜刀", "duty": V("做饭菜", "做饭")},
     "警察": {"place": "派出所", "tool": "对讲机", "duty": V("保护大家的安全", "安全")},
     "农民": {"place": "田里", "tool": "锄头", "duty": V("种庄稼", "庄稼")},
     "画家": {"place": "画室", "tool": "画笔", "duty": V("创作图画", "图画")},
-    "歌手": {"place": "舞台上", "tool": "话筒", "duty": V("演唱歌曲", "歌曲")},
-    "记者": {"place": "报社", "tool": "笔记本", "duty": V("采访和报道新闻", "新闻")},
-    "律师": {"place": "法院", "tool": "法律条文", "duty": V("帮人打官司", "官司")},
-    "工程师": {"place": "工地", "tool": "图纸", "duty": V("设计和建造房子", "设计")},
     "消防员": {"place": "消防站", "tool": "水枪", "duty": V("扑灭火灾", "灭火")},
-    "飞行员": {"place": "驾驶舱", "duty": V("驾驶飞机", "驾驶飞机")},
     "科学家": {"place": "实验室", "tool": "显微镜", "duty": V("做研究", "研究")},
-    "作家": {"place": "书房", "tool": "钢笔", "duty": V("写书", "写书")},
     "邮递员": {"place": "邮局", "tool": "邮包", "duty": V("送信和送包裹", "送信")},
     "理发师": {"place": "理发店", "tool": "推子", "duty": V("给人剪头发", "剪头发")},
-    "木匠": {"place": "木工房", "tool": "锯子", "duty": V("做木头家具", "家具")},
-    "摄影师": {"place": "照相馆", "tool": "相机", "duty": V("拍摄照片", "照片")},
-    "司机": {"place": "驾驶座上", "tool": "方向盘", "duty": V("开车送人", "开车")},
 }
 
 SEASON_ATTRS = (
@@ -506,7 +396,6 @@ FESTIVALS = {
     "端午节": {"date": "五月初五", "food": "粽子", "custom": V("赛龙舟", "龙舟")},
     "中秋节": {"date": "八月十五", "food": "月饼", "custom": V("赏月", "赏月")},
     "重阳节": {"date": "九月初九", "food": "重阳糕", "custom": V("登高", "登高")},
-    "清明节": {"custom": V("扫墓和踏青", "扫墓")},
 }
 
 NATURE_ATTRS = (
@@ -518,11 +407,8 @@ NATURE_ATTRS = (
 NATURE = {
     "彩虹": {"when": "雨后"},
     "露水": {"when": "清晨"},
-    "霜": {"when": "深秋的早晨"},
     "雪": {"when": "冬天"},
-    "台风": {"when": "夏天和秋天"},
     "萤火虫": {"when": "夏天的夜晚"},
-    "流星": {"when": "晴朗的夜空"},
 }
 
 BODY_ATTRS = (
@@ -535,15 +421,9 @@ BODY = {
     "眼睛": {"function": V("看东西", "看")},
     "耳朵": {"function": V("听声音", "听")},
     "鼻子": {"function": V("闻气味", "闻")},
-    "舌头": {"function": V("尝味道", "尝")},
-    "牙齿": {"function": V("咀嚼食物", "咀嚼")},
     "心脏": {"function": V("把血液送到全身", "血液")},
     "肺": {"function": V("呼吸空气", "呼吸")},
     "胃": {"function": V("消化食物", "消化")},
-    "大脑": {"function": V("思考和记忆", "思考")},
-    "骨头": {"function": V("支撑身体", "支撑")},
-    "皮肤": {"function": V("保护身体", "保护")},
-    "脚": {"function": V("走路", "走路")},
 }
 
 NUMBER_ATTRS = (
@@ -557,14 +437,8 @@ NUMBER_FACTS = {
     "一年": {"count": V("十二", "十二", "12", u="个月")},
     "一天": {"count": V("二十四", "二十四", "24", u="个小时")},
     "一小时": {"count": V("六十", "六十", "60", u="分钟")},
-    "一个季度": {"count": V("三", "三", "3", u="个月")},
-    "一年中的季节": {"count": V("四", "四", "4", u="个")},
     "三角形": {"count": V("三", "三", "3", u="条边")},
-    "正方形": {"count": V("四", "四", "4", u="条边")},
     "一只手": {"count": V("五", "五", "5", u="根手指")},
-    "彩虹的颜色": {"count": V("七", "七", "7", u="种")},
-    "一打鸡蛋": {"count": V("十二", "十二", "12", u="个")},
-    "一副扑克牌": {"count": V("五十四", "五十四", "54", u="张")},
 }
 
 CATEGORIES = (

@@ -54,31 +54,31 @@ FILES = ("pretrain_demo.jsonl", "sft_demo.jsonl", "lora_identity.jsonl", "lora_m
 @dataclass
 class Sizes:
     """How much of each kind of text to write. Defaults give a ~6 MB pretraining file."""
-    bios_per_person: int = 64          # biography documents per person (each states 3-6 of 6 facts)
-    cards_per_person: int = 4          # "person card" documents per person
-    entries_per_entity: int = 30       # encyclopedia documents per real-world entity
+    bios_per_person: int = 110         # biography documents per person (each states 3-5 of 5 facts)
+    cards_per_person: int = 8          # "person card" documents per person
+    entries_per_entity: int = 45       # encyclopedia documents per real-world entity
     people_stories: int = 7500
-    animal_stories: int = 1200
+    animal_stories: int = 1000
     everyday_story_repeats: int = 6    # each fixed everyday story appears this many times
     dialogues: int = 5000
     season_dialogues: int = 200
     chat_dialogues: int = 2000         # greetings and small talk between people
     classroom: int = 2000              # teacher/pupil exchanges with instruction-style questions
     ai_paragraph_repeats: int = 40     # each paragraph about computers/AI/language models
-    list_docs: int = 1000               # "animals that live on the grassland: ..." style documents
+    list_docs: int = 800               # "animals that live on the grassland: ..." style documents
     number_docs: int = 2400
+    hospital_docs: int = 3000          # hospital vocabulary lists (no condition names; see hospital_docs)
     min_char_count: int = 16           # every character of the chat files occurs >= this often in pretraining
     # SFT
-    sft_world_questions_per_fact: int = 6
-    sft_person_questions_per_fact: int = 6
-    sft_yes_no: int = 700
-    sft_bios: int = 360
-    sft_persona: int = 1500
-    sft_greetings: int = 500
-    sft_small_talk: int = 500
-    sft_instructions: int = 2600
+    sft_questions_per_fact: int = 16   # each training fact asked this often, cycling through its 8 training phrasings
+    sft_yes_no: int = 600
+    sft_bios: int = 300
+    sft_persona: int = 900
+    sft_greetings: int = 400
+    sft_small_talk: int = 400
+    sft_instructions: int = 1500
     sft_multi_turn: int = 1500
-    sft_stories: int = 200
+    sft_stories: int = 150
     system_share: float = 0.1          # share of single-turn SFT conversations that get a system turn
     # LoRA
     identity_convs: int = 600
@@ -162,7 +162,13 @@ def build_people(rng: random.Random) -> list[dict]:
 
 
 def plan_questions(rng: random.Random) -> dict:
-    """(category, attr) -> (training phrasings, held-out phrasings): 8 per attribute, 2 held out."""
+    """(category, attr) -> (training phrasings, held-out phrasings).
+
+    An attribute with a noun phrase gets its own phrasings plus generic shapes ("告诉我{s}{n}。"), rotated
+    so attributes use different shapes; 2 of its generic phrasings are held out. The held-out question
+    is then a new combination of parts the model has seen: the shape with other attributes, the noun
+    with other shapes. An attribute without a noun phrase holds out 2 of its own phrasings.
+    """
     plan, index = {}, 0
     groups = [("person", W.PERSON_ATTRS)] + [(c.key, c.attrs) for c in W.CATEGORIES]
     for cat, attrs in groups:
@@ -175,12 +181,8 @@ def plan_questions(rng: random.Random) -> dict:
                 generic = [g.replace("{n}", attr.noun) for g in rotated]
             index += 1
             templates = list(dict.fromkeys(own + generic))[:W.QUESTIONS_PER_ATTRIBUTE]
-            own_part = [t for t in templates if t in own]
-            gen_part = [t for t in templates if t not in own]
-            if gen_part:   # hold out one attribute-specific and one generic phrasing
-                held = [rng.choice(own_part), rng.choice(gen_part)]
-            else:
-                held = rng.sample(templates, W.HELDOUT_PER_ATTRIBUTE)
+            candidates = [t for t in templates if t not in own] or templates
+            held = rng.sample(candidates, W.HELDOUT_PER_ATTRIBUTE)
             plan[(cat, attr.key)] = ([t for t in templates if t not in held], held)
     return plan
 
@@ -272,8 +274,7 @@ def fill(rng: random.Random, templates, make_slots, tries: int = 50) -> str:
 CONNECTORS = ("另外，", "此外，", "而且，", "还有，")
 OPENINGS = ("", "", "下面介绍一下{s}。", "今天来认识一下{s}。", "{s}是一位{title}。", "这是关于{s}的介绍。")
 CLOSINGS = ("", "", "", "大家都很喜欢{s}。", "{s}的朋友们都说{p}是个热心的人。", "这就是{s}。")
-CARD_LABELS = {"job": "职业", "hometown": "家乡", "hobby": "爱好", "food": "最喜欢的食物", "pet": "宠物",
-               "color": "最喜欢的颜色"}
+CARD_LABELS = {"job": "职业", "hometown": "家乡", "hobby": "爱好", "food": "最喜欢的食物", "pet": "宠物"}
 
 
 def statement(rng: random.Random, fact: Fact, first: bool, connectors: list | None = None) -> str:
@@ -411,6 +412,32 @@ def literacy_docs(rng: random.Random, chars: list[str], counts: Counter, need: i
     return docs
 
 
+HOSPITAL_DOCS = (
+    "医院里有很多科室，比如{d}。看病时要先挂号，再去对应的科室就诊。",
+    "王护士在医院工作，她每天要带病人去{d}。",
+    "身体不舒服的时候，人可能会有这些感觉：{s}。这时候应该多注意身体，必要时请及时就医。",
+    "医生常说，要留意身体的变化，比如{s}。症状加重时，请及时去医院就诊。",
+    "生活中照顾自己的方法有很多：{c}。",
+    "如果出现{w}，说明情况比较严重，请立即就医，不要拖延。",
+    "以上内容仅供参考，具体请以医生的诊断为准。常见的问题可以先问问家人，严重的一定要看医生。",
+)
+
+
+def hospital_docs(rng: random.Random, n: int) -> list[str]:
+    """Hospital vocabulary (departments, symptom words, self-care and warning phrases) in lists that
+    never name a condition: the base model learns the words, and lora_medical alone teaches which
+    condition goes with which department and symptoms."""
+    depts = sorted({v[0] for v in M.CONDITIONS.values()})
+    pools = {k: sorted({x for v in M.CONDITIONS.values() for x in v[i] if not any(c in x for c in M.CONDITIONS)})
+             for k, i in (("s", 1), ("c", 2), ("w", 3))}
+    docs = []
+    for _ in range(n):
+        t = rng.choice(HOSPITAL_DOCS)
+        docs.append(t.format(d=join_cn(rng.sample(depts, 4)), s=join_cn(rng.sample(pools["s"], 4)),
+                             c=join_cn(rng.sample(pools["c"], 3)), w=join_cn(rng.sample(pools["w"], 2))))
+    return docs
+
+
 def make_pretrain(rng: random.Random, world: World, sizes: Sizes, chat_text: str) -> list[dict]:
     docs = []
     for person in world.people:
@@ -449,6 +476,7 @@ def make_pretrain(rng: random.Random, world: World, sizes: Sizes, chat_text: str
             docs.append("".join(x for x in group if x != drop))
     docs += [list_doc(rng, world) for _ in range(sizes.list_docs)]
     docs += [number_doc(rng) for _ in range(sizes.number_docs)]
+    docs += hospital_docs(rng, sizes.hospital_docs)
     # Every character the chat files use must be a trained embedding, not a stray byte sequence.
     counts = Counter("".join(docs))
     needed = sorted({c for c in chat_text if not c.isascii() and not c.isspace()})
@@ -460,7 +488,7 @@ def make_pretrain(rng: random.Random, world: World, sizes: Sizes, chat_text: str
 # ----------------------------------------------------------------------------- SFT
 
 YES_NO = {"job": "{s}是{v}吗？", "hometown": "{s}是{v}人吗？", "food": "{s}最喜欢吃{v}吗？",
-          "pet": "{s}养的是{v}吗？", "color": "{s}最喜欢{v}吗？"}
+          "pet": "{s}养的是{v}吗？"}
 BIO_REQUESTS = ("介绍一下{s}。", "{s}是个什么样的人？", "跟我说说{s}。", "你了解{s}吗？")
 ENTITY_REQUESTS = ("介绍一下{s}。", "跟我讲讲{s}。", "关于{s}，你知道些什么？")
 FOLLOW_UPS = ("那{p}{n}呢？", "{p}{n}呢？", "还有{p}{n}呢？")
@@ -576,10 +604,11 @@ def make_sft(rng: random.Random, world: World, sizes: Sizes, id_train: list) -> 
     train_people = world.people_in("train")
     train_facts = [f for f in world.facts if f.split == "train"]
     for f in train_facts:
-        templates, _ = world.questions[(f.category, f.attr.key)]
-        n = sizes.sft_person_questions_per_fact if f.category == "person" else sizes.sft_world_questions_per_fact
-        for t in rng.sample(templates, min(n, len(templates))):
-            single.append(conv(fact_question(f, t), f.answer))
+        templates = list(world.questions[(f.category, f.attr.key)][0])
+        for i in range(sizes.sft_questions_per_fact):
+            if i % len(templates) == 0:
+                rng.shuffle(templates)
+            single.append(conv(fact_question(f, templates[i % len(templates)]), f.answer))
     person_facts = [f for f in train_facts if f.category == "person" and f.attr.key in YES_NO]
     for _ in range(sizes.sft_yes_no):
         f = rng.choice(person_facts)

@@ -4,8 +4,7 @@ What this module holds:
 
 - ``PEOPLE_STORIES``: short stories with a cause and an effect about one or two people of the demo
   world. Slots: ``{A}``/``{B}`` names, ``{Ap}``/``{Bp}`` pronouns, ``{A_job}``, ``{A_hometown}``,
-  ``{A_hobby}``, ``{A_food}``, ``{A_pet}``, ``{A_cl}`` (the pet's classifier), ``{A_color}`` (same
-  for B), ``{season}``, and facts about A's or B's home city (``{B_sight}``, ``{B_dish}``). Every
+  ``{A_hobby}``, ``{A_food}``, ``{A_pet}``, ``{A_cl}`` (the pet's classifier) (same for B), ``{season}``, and facts about A's or B's home city (``{B_sight}``, ``{B_dish}``). Every
   slot is filled from the person's real attributes, so stories restate the world's facts in context.
 - ``ANIMAL_STORIES``: fables about animals, filled from the animal table (``{X}`` and its
   ``{X_food}``, ``{X_habitat}``, ``{X_feature}``).
@@ -26,8 +25,7 @@ PEOPLE_STORIES = (
     "但是玩得很开心。后来，{A}也常常和{B}一起{B_hobby}。",
     "{A}从{A_hometown}出发，坐火车去{B_hometown}看望老朋友{B}。{B}知道{A}最喜欢吃{A_food}，就提前准备好了{A_food}。"
     "{A}吃得很开心，一直说谢谢。",
-    "{A}的生日到了。朋友们知道{Ap}最喜欢{A_color}，于是送给{Ap}一件{A_color}的外套。{A}收到礼物后非常感动，"
-    "决定请大家吃{A_food}。",
+    "{A}的生日到了。朋友们知道{Ap}最爱吃{A_food}，就一起准备了一桌{A_food}。{A}非常感动，说这是最开心的一个生日。",
     "有一天，{A}的{A_pet}不见了。{A}很着急，到处寻找。朋友{B}听说后，也赶来帮忙。最后，他们在院子的角落里找到了"
     "那{A_cl}{A_pet}。原来它只是躲起来睡着了。{A}非常感谢{B}。",
     "{A}是一名{A_job}，工作很忙。每天下班以后，{Ap}都会{A_hobby}放松一下。{Ap}说：“做自己喜欢的事，烦恼就都不见了。”",
@@ -47,8 +45,6 @@ PEOPLE_STORIES = (
     "{A}的{A_pet}和{B}的{B_pet}很快成了好朋友。",
     "{A}最近迷上了{A_hobby}。因为每天坚持练习，{Ap}进步得很快。朋友{B}看到后，也想跟着{A}一起学。",
     "下午，{A}在{A_hometown}的一家小店里吃{A_food}。老板问：“您好像经常来？”{A}笑着说：“因为我最喜欢吃{A_food}了。”",
-    "{A}的房间里有很多{A_color}的东西：{A_color}的杯子、{A_color}的书包，还有{A_color}的窗帘。朋友们一进门就知道，"
-    "{A}最喜欢的颜色是{A_color}。",
     "有一天，{A}在工作中遇到了难题，想了很久也没有办法，于是打电话给{B}。{B}是一名{B_job}，给{A}出了一个好主意。"
     "问题解决了，{A}高兴地请{B}吃了一顿饭。",
     "{A}前一天晚上睡得太晚，第二天早上起晚了，差点迟到。从那天起，{A}每天晚上十点就上床睡觉，再也没有迟到过。",
@@ -95,9 +91,8 @@ DIALOGUES = (
     "{A}：今天中午吃什么？\n{B}：我想吃{B_food}，那是我最喜欢的。\n{A}：好啊，那就去吃{B_food}吧。",
     "{A}：听说你是{B_hometown}人？\n{B}：对，我的家乡是{B_hometown}。\n{A}：那里最有名的是{B_sight}吧？\n{B}：没错。",
     "{A}：{B}，你现在在哪儿上班？\n{B}：我是一名{B_job}。\n{A}：这份工作一定很有意思。",
-    "{A}：你最喜欢什么颜色呀？\n{B}：我最喜欢{B_color}。\n{A}：难怪你今天穿着{B_color}的衣服。",
     "{A}：{C}最近在忙什么？\n{B}：{Cp}还是在做{C_job}的工作，周末会去{C_hobby}。",
-    "{A}：我想送{C}一份礼物，送什么好呢？\n{B}：{C}最喜欢{C_color}，也最爱吃{C_food}，你可以从这两样里挑。",
+    "{A}：我想送{C}一份礼物，送什么好呢？\n{B}：{C}最爱吃{C_food}，平时喜欢{C_hobby}，你可以从这两样里挑。",
     "{A}：{C}养的是什么小动物来着？\n{B}：{C}养了一{C_cl}{C_pet}，可爱极了。",
     "{A}：周末一起去玩吧？\n{B}：好啊，不过我得先带我的{B_pet}散散步。\n{A}：没问题，带它一起去吧。",
 )

@@ -5,7 +5,8 @@ interleaved (A B A B ..., the order flipped every round) after a warm-up, and th
 so a busy machine slows both sides alike. Measurements (names for ``--only``):
 
   lora_step         LoRA (r=8, all-linear) training step vs full fine-tuning step, same batch: speed-up
-  lora_memory       the same two steps, peak memory (CPU: peak RSS of a fresh process each; CUDA: max allocated)
+  lora_memory       the same two steps, peak memory above the warmed-up runtime, one fresh process per variant
+                    (CPU: peak resident set, Linux VmHWM; CUDA: max allocated)
   merged_forward    forward of a model whose LoRA is merged into W vs the base model
   unmerged_forward  forward with the LoRA branch live (x W^T + s * x A^T B^T) vs the base model
   kv_cache          greedy decoding of N new tokens with the KV cache vs recomputing the whole prefix
@@ -17,8 +18,9 @@ It prints a markdown table (PASS/MISS per target) and writes JSON with the machi
 
 CPU (a few minutes on 2 cores):
     python scripts/bench.py
-    python scripts/bench.py --quick                    # every measurement at toy sizes, ~30 s (CI)
+    python scripts/bench.py --quick                    # every measurement at toy sizes, 10-40 s (CI)
     python scripts/bench.py --only decode,kv_cache --repeats 5 --threads 2
+    python scripts/bench.py --threads 1 --timer cpu    # steadier ratios on a machine shared with other jobs
 GPU (one device; the bench is single-process, so there is no torchrun/multi-GPU variant):
     python scripts/bench.py --device cuda
 """
@@ -271,7 +273,7 @@ def memory_worker(args):
                       "peak_mb": peak_memory_mb(device)}))
 
 
-def run_memory_workers(ctx, variants=("full", "lora")):
+def run_memory_workers(ctx):
     """Run one ``--_worker`` process per variant, side by side (they measure memory, not time)."""
     a = ctx.args
     # glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, so without this the peak
@@ -280,7 +282,7 @@ def run_memory_workers(ctx, variants=("full", "lora")):
     # follows live memory, the CPU counterpart of CUDA's max_memory_allocated. Other C libraries ignore it.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     procs = {}
-    for variant in variants:
+    for variant in ("full", "lora"):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", variant, "--device", str(ctx.device),
                "--preset", ctx.preset, "--batch_size", str(ctx.batch_size), "--seq_len", str(ctx.seq_len),
                "--lora_rank", str(a.lora_rank), "--lora_targets", a.lora_targets,
@@ -427,7 +429,11 @@ def bench_packing(ctx):
         sliced.write_text("".join(docs), encoding="utf-8")
         n = len(docs)
         tok = load_tokenizer(a.tokenizer)
-        packed = PretrainDataset(str(sliced), tok, max_seq_len=T, cache_dir=tmp)
+        try:
+            packed = PretrainDataset(str(sliced), tok, max_seq_len=T, cache_dir=tmp)
+        except TinyMindError as e:  # name the user's file and flags, not our temporary slice
+            msg = str(e).replace(f"{sliced}: ", "")
+            raise TinyMindError(f"--corpus {a.corpus} with --corpus_docs {ctx.corpus_docs}: {msg}") from None
         padded = padded_samples(docs, tok, T)
         need = B * steps
         if len(packed) < need or len(padded) < need:

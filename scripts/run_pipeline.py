@@ -34,10 +34,10 @@ STAGES = {
     "tiny": {
         "pretrain": ["--preset", "tiny", "--epochs", "1", "--batch_size", "16", "--max_seq_len", "256",
                      "--learning_rate", "2e-3"],
-        "sft": ["--epochs", "1", "--batch_size", "32", "--max_seq_len", "256", "--learning_rate", "1e-3"],
+        "sft": ["--epochs", "3", "--batch_size", "32", "--max_seq_len", "256", "--learning_rate", "2e-3"],
         "lora_identity": ["--epochs", "3", "--batch_size", "32", "--learning_rate", "2e-3",
                           "--lora_rank", "16", "--lora_alpha", "32"],
-        "lora_medical": ["--epochs", "3", "--batch_size", "32", "--learning_rate", "2e-3",
+        "lora_medical": ["--epochs", "5", "--batch_size", "32", "--learning_rate", "3e-3",
                          "--lora_rank", "16", "--lora_alpha", "32"],
         "eval": [],
     },
@@ -127,9 +127,8 @@ def main(argv=None):
     t_start, timings, upstream_ran = time.time(), {}, False
 
     if args.retrain_tokenizer:
-        files = ",".join(f"dataset/{f}.jsonl" for f in ("pretrain_demo", "sft_demo", "lora_identity", "lora_medical"))
         print("[pipeline] tokenizer: retraining model/tokenizer.json", flush=True)
-        timings["tokenizer"] = run_stage(["trainer/train_tokenizer.py", "--data_path", files],
+        timings["tokenizer"] = run_stage(["trainer/train_tokenizer.py"],
                                          args.save_dir / "pipeline_tokenizer.log")
 
     for stage in ORDER:

