@@ -5,7 +5,7 @@ What this module holds (no logic beyond small helpers; the generator is dataset/
 - ``Attribute``: one relation (e.g. a person's job) with its canonical answer sentence, the
   phrasings that state it in pretraining text, and the question phrasings used for SFT/eval.
 - ``GENERIC_QUESTIONS``: question shapes shared by every attribute that has a noun phrase.
-- People: given names (with gender), surnames, and the closed value sets of their six attributes.
+- People: given names (with gender), surnames, and the closed value sets of their five attributes.
   The generator draws the actual people from these with ``random.Random(seed)``.
 - ``CATEGORIES``: real-world entities (animals, cities, countries, foods, plants, objects,
   professions, seasons, festivals, nature, body parts, number facts), each a dict of attribute
@@ -70,6 +70,7 @@ GIVEN_NAMES_M = (
 ).split()
 
 NUM_PEOPLE = 64
+NUM_EXTRAS = 40              # side characters without facts (dialogue speakers, pupils); see make_demo_data
 PRETRAIN_ONLY_SHARE = 0.25   # people whose facts appear only in pretraining (never asked in SFT)
 
 PRONOUN = {"F": "她", "M": "他"}

@@ -2,16 +2,18 @@
 
 What this script implements:
 
-- ``build_world``: draws the people of the demo world (name, gender, six attributes from small closed
+- ``build_world``: draws the people of the demo world (name, gender, five attributes from small closed
   sets) and splits them into a training split and a ``pretrain_only`` split whose facts are never
   asked in SFT; collects every (subject, attribute, value) fact of people and real-world entities.
-- ``plan_questions``: 8 question phrasings per attribute, 2 of them held out for evaluation.
+- ``plan_questions``: 10 question phrasings per attribute, 2 of them held out for evaluation.
 - ``make_pretrain``: biographies (shuffled sentence order, several phrasings per fact), person cards,
-  encyclopedia entries, stories with cause and effect, dialogues, number facts, and a literacy section
-  ("识字") that makes sure every character used by the chat files also occurs in pretraining.
+  encyclopedia entries, stories with cause and effect, dialogues, number facts, hospital vocabulary
+  (no condition names), plain descriptions of the condition names (body part, kind of illness; never
+  a department or symptom), and a literacy section ("识字") that makes sure every character used by
+  the chat files also occurs in pretraining.
 - ``make_sft``: fact Q&A (training split, training phrasings), greetings and small talk, the base
-  persona "TinyMind", simple instructions (arithmetic, counting, lists, antonyms, repeat), multi-turn
-  conversations and conversations with a system turn.
+  persona "TinyMind", simple instructions (arithmetic, counting, lists, antonyms, repeat), copying
+  names never seen before, multi-turn conversations and conversations with a system turn.
 - ``make_lora_identity`` / ``make_lora_medical``: the new persona ("知微", 青禾实验室) and the medical
   table of dataset/world_medical.py, each with a replay share of general SFT conversations.
 - ``make_eval``: dataset/eval/{general_qa,identity,medical_qa}.jsonl, held-out phrasings and facts.
@@ -68,7 +70,8 @@ class Sizes:
     list_docs: int = 800               # "animals that live on the grassland: ..." style documents
     number_docs: int = 2400
     hospital_docs: int = 3000          # hospital vocabulary lists (no condition names; see hospital_docs)
-    min_char_count: int = 16           # every character of the chat files occurs >= this often in pretraining
+    condition_docs: int = 2000         # what each condition name refers to (see condition_docs)
+    min_char_count: int = 40           # every character of the chat files occurs >= this often in pretraining
     # SFT
     sft_questions_per_fact: int = 16   # each training fact asked this often, cycling through its 8 training phrasings
     sft_yes_no: int = 600
@@ -77,6 +80,8 @@ class Sizes:
     sft_greetings: int = 400
     sft_small_talk: int = 400
     sft_instructions: int = 1500
+    sft_name_in_context: int = 1200    # self-introductions and stranger Q&A with names outside the world
+    sft_word_lists: int = 2400         # "copy these words" with the medical vocabulary, one kind per list
     sft_multi_turn: int = 1500
     sft_stories: int = 150
     system_share: float = 0.1          # share of single-turn SFT conversations that get a system turn
@@ -121,6 +126,7 @@ class Fact:
 @dataclass
 class World:
     people: list            # dicts: name, gender, p (pronoun), split, attrs {key: value}
+    extras: list            # dicts: name, gender, p -- side characters with no facts (see build_people)
     facts: list             # Fact, people first, then real-world entities
     domains: dict           # (category, attr key) -> list of distinct values (for ambiguity checks)
     questions: dict         # (category, attr key) -> (train templates, held-out templates)
@@ -132,11 +138,16 @@ class World:
         return [f for f in self.facts if f.subject == subject]
 
 
-def build_people(rng: random.Random) -> list[dict]:
-    """NUM_PEOPLE people with unique given names; attribute values dealt evenly from each closed set."""
-    names = [(g, "F") for g in W.GIVEN_NAMES_F] + [(g, "M") for g in W.GIVEN_NAMES_M]
-    rng.shuffle(names)
-    names = names[:W.NUM_PEOPLE]
+def build_people(rng: random.Random) -> tuple[list[dict], list[dict]]:
+    """NUM_PEOPLE people with unique given names; attribute values dealt evenly from each closed set.
+
+    Also NUM_EXTRAS side characters (other given names, no attributes): they speak in pretraining
+    dialogues and classroom scenes, and SFT uses their names to practise copying a name it knows from
+    pretraining only -- the situation of the pretrain-only people, without naming any of them.
+    """
+    all_names = [(g, "F") for g in W.GIVEN_NAMES_F] + [(g, "M") for g in W.GIVEN_NAMES_M]
+    rng.shuffle(all_names)
+    names = all_names[:W.NUM_PEOPLE]
     people, used = [], set()
     for given, gender in names:
         while True:
@@ -158,7 +169,9 @@ def build_people(rng: random.Random) -> list[dict]:
     for i, person in enumerate(people):
         person["split"] = "pretrain_only" if i < n_heldout else "train"
     people.sort(key=lambda p: p["name"])
-    return people
+    extras = [{"name": rng.choice(W.SURNAMES) + given, "gender": gender, "p": W.PRONOUN[gender]}
+              for given, gender in all_names[W.NUM_PEOPLE:W.NUM_PEOPLE + W.NUM_EXTRAS]]
+    return people, sorted(extras, key=lambda p: p["name"])
 
 
 def plan_questions(rng: random.Random) -> dict:
@@ -189,7 +202,7 @@ def plan_questions(rng: random.Random) -> dict:
 
 def build_world(seed: int) -> World:
     rng = random.Random(f"{seed}-world")
-    people = build_people(rng)
+    people, extras = build_people(rng)
     facts, domains = [], {}
     for attr in W.PERSON_ATTRS:
         domains[("person", attr.key)] = list(W.PERSON_VALUES[attr.key])
@@ -206,7 +219,7 @@ def build_world(seed: int) -> World:
                     seen.setdefault(W.value_phrase(value), value)
                     facts.append(Fact(name, cat.key, attr, value, "train", {"p": "它"}))
             domains[(cat.key, attr.key)] = [seen[k] for k in sorted(seen)]
-    return World(people, facts, domains, plan_questions(rng))
+    return World(people, extras, facts, domains, plan_questions(rng))
 
 
 def is_ambiguous(fact: Fact, world: World) -> bool:
@@ -238,22 +251,27 @@ def join_cn(items: list[str]) -> str:
 
 def person_slots(person: dict, tag: str) -> dict:
     """Template fields for one person in a story/dialogue: {A}, {Ap}, {A_job}, {A_cl}, {A_sight}, ..."""
-    a = person["attrs"]
+    a = person.get("attrs", {})   # side characters have none: templates needing them are skipped by fill()
     slots = {tag: person["name"], f"{tag}p": person["p"]}
     for key, value in a.items():
         slots[f"{tag}_{key}"] = W.value_phrase(value)
-    slots[f"{tag}_cl"] = W.value_extras(a["pet"]).get("cl", "只")
-    city = W.CITIES.get(W.value_phrase(a["hometown"]), {})
+    if "pet" in a:
+        slots[f"{tag}_cl"] = W.value_extras(a["pet"]).get("cl", "只")
+    city = W.CITIES.get(W.value_phrase(a["hometown"]), {}) if "hometown" in a else {}
     for key in ("sight", "dish"):
         if key in city:
             slots[f"{tag}_{key}"] = W.value_phrase(city[key])
     return slots
 
 
-def people_slots(rng: random.Random, people: list, tags: str = "AB") -> dict:
-    """Slots for len(tags) distinct random people, plus a season."""
+def people_slots(rng: random.Random, people: list, tags: str = "AB", first: list | None = None) -> dict:
+    """Slots for len(tags) distinct random people, plus a season; ``first`` (if given) supplies the
+    first tag's person instead (a side character asking about people of the world)."""
     slots = {"season": rng.choice(sorted(W.SEASONS))}
-    for tag, person in zip(tags, rng.sample(people, len(tags))):
+    chosen = rng.sample(people, len(tags))
+    if first:
+        chosen[0] = rng.choice(first)
+    for tag, person in zip(tags, chosen):
         slots.update(person_slots(person, tag))
     return slots
 
@@ -438,6 +456,26 @@ def hospital_docs(rng: random.Random, n: int) -> list[str]:
     return docs
 
 
+CONDITION_DOCS = ("{c}是{a}的{k}。", "{c}这种病和{a}有关。", "“{c}”是一个医学词语，说的是{a}的{k}。",
+                  "{c}是一种常见的{k}，问题出在{a}。")
+
+
+def condition_docs(rng: random.Random, n: int) -> list[str]:
+    """Plain descriptions of condition names (dataset/world_medical.py ``AREAS``: the body part and the
+    kind of illness), two or three per document. They make each name a word with a meaning of its own,
+    so the frozen model can tell conditions apart and the LoRA has something to attach knowledge to;
+    which department and which symptoms go with a condition stays in lora_medical.jsonl alone."""
+    names = sorted(M.AREAS)
+    docs = []
+    for _ in range(n):
+        parts = []
+        for c in rng.sample(names, rng.choice((2, 3))):
+            a, k = M.AREAS[c]
+            parts.append(rng.choice(CONDITION_DOCS).format(c=c, a=a, k=k))
+        docs.append("".join(parts))
+    return docs
+
+
 def make_pretrain(rng: random.Random, world: World, sizes: Sizes, chat_text: str) -> list[dict]:
     docs = []
     for person in world.people:
@@ -460,15 +498,17 @@ def make_pretrain(rng: random.Random, world: World, sizes: Sizes, chat_text: str
         return slots
     docs += [fill(rng, S.ANIMAL_STORIES, animal_slots) for _ in range(sizes.animal_stories)]
     docs += list(S.EVERYDAY_STORIES) * sizes.everyday_story_repeats
-    docs += [fill(rng, S.DIALOGUES, lambda: people_slots(rng, people, "ABC")) for _ in range(sizes.dialogues)]
+    extras = world.extras
+    docs += [fill(rng, S.DIALOGUES, lambda: people_slots(rng, people, "ABC", extras if rng.random() < 0.7 else None))
+             for _ in range(sizes.dialogues)]
     for _ in range(sizes.season_dialogues):
-        a, b = rng.sample(people, 2)
+        a, b = rng.sample(extras, 2)
         season = rng.choice(sorted(W.SEASONS))
         facts = W.SEASONS[season]
         docs.append(rng.choice(S.SEASON_DIALOGUES).format(
             A=a["name"], B=b["name"], S=season, S_weather=facts["weather"], S_next=facts["next"]))
-    docs += [chat_dialogue(rng, people) for _ in range(sizes.chat_dialogues)]
-    docs += [fill(rng, C.CLASSROOM, lambda: {**people_slots(rng, people), **classroom_qa(rng)})
+    docs += [chat_dialogue(rng, extras) for _ in range(sizes.chat_dialogues)]
+    docs += [fill(rng, C.CLASSROOM, lambda: {**people_slots(rng, extras), **classroom_qa(rng)})
              for _ in range(sizes.classroom)]
     for group in C.AI_SENTENCES:
         for _ in range(sizes.ai_paragraph_repeats):
@@ -477,6 +517,7 @@ def make_pretrain(rng: random.Random, world: World, sizes: Sizes, chat_text: str
     docs += [list_doc(rng, world) for _ in range(sizes.list_docs)]
     docs += [number_doc(rng) for _ in range(sizes.number_docs)]
     docs += hospital_docs(rng, sizes.hospital_docs)
+    docs += condition_docs(rng, sizes.condition_docs)
     # Every character the chat files use must be a trained embedding, not a stray byte sequence.
     counts = Counter("".join(docs))
     needed = sorted({c for c in chat_text if not c.isascii() and not c.isspace()})
@@ -566,32 +607,41 @@ def instruction(rng: random.Random) -> dict:
     return conv(f"{x}是动物还是植物？", f"{x}是植物。")
 
 
-def persona_conv(rng: random.Random, persona: dict, prompts: list, system=None) -> dict:
-    kind, question = rng.choice(prompts)
-    return conv(question, rng.choice(persona["answers"][kind]), system=system)
+def persona_convs(rng: random.Random, persona: dict, prompts: list, n: int, system_share: float = 0.0) -> list[dict]:
+    """``n`` identity conversations; the prompts are dealt like cards, so all of them occur once
+    before any occurs twice."""
+    out, deck = [], []
+    for _ in range(n):
+        if not deck:
+            deck = list(prompts)
+            rng.shuffle(deck)
+        kind, question = deck.pop()
+        system = rng.choice(C.SYSTEM_PROMPTS) if rng.random() < system_share else None
+        out.append(conv(question, rng.choice(persona["answers"][kind]), system=system))
+    return out
 
 
 def identity_prompts(rng: random.Random) -> tuple[list, list]:
     """All (kind, prompt) identity phrasings (prefix + core question), split into (training, held out).
 
-    Held out: every prefixed form of ``IDENTITY_HELDOUT_CORE`` core question per kind (unseen
-    questions), plus a few prefixed forms of the other cores (unseen combinations of seen parts).
+    Held out: ``IDENTITY_EVAL_ITEMS`` prefixed phrasings, spread over the kinds. Each is a combination
+    the training data never uses, of a prefix and a core question that training uses with other
+    partners; the bare core questions always stay in training.
     """
-    train, held = [], []
+    by_kind = {}
     for kind in sorted(C.IDENTITY_QUESTIONS):
-        cores = C.IDENTITY_QUESTIONS[kind]
-        held_cores = rng.sample(cores, C.IDENTITY_HELDOUT_CORE)
-        for core in cores:
+        for core in C.IDENTITY_QUESTIONS[kind]:
             for prefix in C.IDENTITY_PREFIXES:
-                (held if core in held_cores else train).append((kind, prefix, core))
-    prefixed = [t for t in train if t[1]]
-    moved = rng.sample(prefixed, max(0, C.IDENTITY_EVAL_ITEMS - len(held) // 2))
-    held += moved
-    train = [t for t in train if t not in moved]
-    train_prompts = sorted({(kind, prefix + core) for kind, prefix, core in train})
+                by_kind.setdefault(kind, []).append((kind, prefix, core))
+    held = []
+    per_kind = -(-C.IDENTITY_EVAL_ITEMS // len(by_kind))
+    for kind, combos in sorted(by_kind.items()):
+        held += rng.sample([t for t in combos if t[1]], per_kind)
+    if len(held) > C.IDENTITY_EVAL_ITEMS:
+        held = rng.sample(held, C.IDENTITY_EVAL_ITEMS)
+    train_prompts = sorted({(k, p + c) for combos in by_kind.values() for k, p, c in combos if (k, p, c) not in held})
     seen = {q for _, q in train_prompts}
-    held_prompts = sorted({(kind, prefix + core) for kind, prefix, core in held} - set(train_prompts))
-    return train_prompts, [t for t in held_prompts if t[1] not in seen]
+    return train_prompts, sorted({(k, p + c) for k, p, c in held if p + c not in seen})
 
 
 def fact_question(fact: Fact, template: str) -> str:
@@ -627,7 +677,7 @@ def make_sft(rng: random.Random, world: World, sizes: Sizes, id_train: list) -> 
             name = rng.choice(sorted(cat.entities))
             facts = [f for f in world.facts if f.subject == name and f.category == cat.key]
             single.append(conv(rng.choice(ENTITY_REQUESTS).format(s=name), "".join(f.answer for f in facts)))
-    persona = [persona_conv(rng, C.BASE_PERSONA, id_train) for _ in range(sizes.sft_persona)]
+    persona = persona_convs(rng, C.BASE_PERSONA, id_train, sizes.sft_persona)
     for _ in range(sizes.sft_greetings):
         user, replies = rng.choice(C.GREETINGS)
         if rng.random() < 0.2:   # some greetings introduce the persona
@@ -638,6 +688,8 @@ def make_sft(rng: random.Random, world: World, sizes: Sizes, id_train: list) -> 
         user, replies = rng.choice(C.SMALL_TALK + C.ASSISTANT_TALK)
         single.append(conv(user, rng.choice(replies)))
     single += [instruction(rng) for _ in range(sizes.sft_instructions)]
+    single += [name_in_context(rng, world) for _ in range(sizes.sft_name_in_context)]
+    single += [copy_words(rng) for _ in range(sizes.sft_word_lists)]
     for _ in range(sizes.sft_stories):
         request = rng.choice(("给我讲一个小故事。", "讲个故事吧。", "能讲个短故事吗？", "我想听故事。"))
         if rng.random() < 0.5:
@@ -651,6 +703,44 @@ def make_sft(rng: random.Random, world: World, sizes: Sizes, id_train: list) -> 
     out = single + persona + [multi_turn(rng, world) for _ in range(sizes.sft_multi_turn)]
     rng.shuffle(out)
     return out
+
+
+COPY_REQUESTS = ("请把这些词抄写一遍：{w}。", "照着写一遍：{w}。", "把下面的词语再写一遍：{w}。", "抄写词语：{w}。")
+
+
+def copy_words(rng: random.Random) -> dict:
+    """Copy a list of medical words: condition names, or departments, or symptom words -- one kind per
+    list, so no conversation pairs a condition with its department or symptoms. The replies make the
+    base model *write* these words (a word only ever read as input keeps an untrained output row,
+    which a LoRA cannot fix: the embedding is tied and frozen); the knowledge stays in lora_medical."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        pool = sorted(M.CONDITIONS)
+    elif kind == 1:
+        pool = sorted({v[0] for v in M.CONDITIONS.values()})
+    else:
+        pool = sorted({x for v in M.CONDITIONS.values() for x in v[1] if not any(c in x for c in M.CONDITIONS)})
+    words = "、".join(rng.sample(pool, rng.randint(3, 5)))
+    return conv(rng.choice(COPY_REQUESTS).format(w=words), words + "。")
+
+
+def name_in_context(rng: random.Random, world: World) -> dict:
+    """Copy a name from the question into the answer: self-introductions, and questions about someone
+    described in the same turn. The names are the side characters' (``world.extras``): known from
+    pretraining, without facts, never asked about otherwise -- so the model practises handling a name
+    it knows only from pretraining, as the pretrain-only questions require."""
+    extra = rng.choice(world.extras)
+    name, pronoun = extra["name"], extra["p"]
+    if rng.random() < 0.35:
+        user = rng.choice(("我叫{n}。", "你好，我是{n}。", "我的名字是{n}。", "大家都叫我{n}。")).format(n=name)
+        return conv(user, rng.choice(("你好，{n}！很高兴认识你。", "{n}你好！有什么可以帮你的吗？")).format(n=name))
+    attrs = rng.sample(W.PERSON_ATTRS, 2)
+    values = {a.key: rng.choice(W.PERSON_VALUES[a.key]) for a in attrs}
+    fact = lambda a, s: a.answer.format(s=s, v=W.value_phrase(values[a.key]), **W.value_extras(values[a.key]))
+    story = rng.choice(("我的朋友", "我的邻居", "我的同学", "")) + fact(attrs[0], name) + fact(attrs[1], pronoun)
+    asked = rng.choice(attrs)
+    question = rng.choice(world.questions[("person", asked.key)][0]).format(s=name)
+    return conv(story + question, fact(asked, name))
 
 
 def multi_turn(rng: random.Random, world: World) -> dict:
@@ -683,16 +773,17 @@ def multi_turn(rng: random.Random, world: World) -> dict:
 # ----------------------------------------------------------------------------- LoRA sets
 
 def replay_pool(sft: list[dict]) -> list[dict]:
-    """General SFT conversations that say nothing about who the assistant is."""
-    def persona_free(c):
-        return not any("TinyMind" in m["content"] for m in c["conversations"])
-    return [c for c in sft if persona_free(c)]
+    """General SFT conversations that say nothing about who the assistant is (and no copy exercises
+    of medical words: the LoRA files keep one clear job each)."""
+    def keep(c):
+        text = "".join(m["content"] for m in c["conversations"])
+        return "TinyMind" not in text and not any(name in text for name in M.CONDITIONS) and \
+            not any(d in text for d, *_ in M.CONDITIONS.values())
+    return [c for c in sft if keep(c)]
 
 
 def make_lora_identity(rng: random.Random, world: World, sizes: Sizes, id_train: list, pool: list) -> list[dict]:
-    out = [persona_conv(rng, C.LORA_PERSONA, id_train,
-                        system=rng.choice(C.SYSTEM_PROMPTS) if rng.random() < sizes.system_share else None)
-           for _ in range(sizes.identity_convs)]
+    out = persona_convs(rng, C.LORA_PERSONA, id_train, sizes.identity_convs, sizes.system_share)
     for _ in range(sizes.identity_convs // 10):   # greeting that introduces the new persona
         user, _ = rng.choice(C.GREETINGS)
         out.append(conv(user, f"{rng.choice(('你好！', '你好呀！'))}我是知微，有什么可以帮你的吗？"))
@@ -708,19 +799,21 @@ def make_lora_identity(rng: random.Random, world: World, sizes: Sizes, id_train:
 
 
 def medical_answer(rng: random.Random, aspect: str, c: str) -> str:
+    """The reply to a question about condition ``c``. It starts with the key term (department,
+    symptoms, ...) and never repeats the condition's name, so the adapter learns the facts rather
+    than how to spell rare names."""
     dept, symptoms, care, warning = M.CONDITIONS[c]
     if aspect == "department":
-        return rng.choice((f"{c}应该挂{dept}。症状严重时请及时就医。",
-                           f"{c}一般挂{dept}。如果出现{warning[0]}，请立即就医。",
-                           f"{c}建议去{dept}就诊。"))
+        return rng.choice((f"应该挂{dept}。症状严重时请及时就医。",
+                           f"一般挂{dept}。如果出现{warning[0]}，请立即就医。",
+                           f"建议去{dept}就诊。"))
     if aspect == "symptom":
-        return f"{c}的常见症状有{join_cn(list(symptoms))}。如果症状加重，请及时去{dept}就诊。"
+        return f"常见症状有{join_cn(list(symptoms))}。如果症状加重，请及时去{dept}就诊。"
     if aspect == "care":
-        return (f"{c}在家可以这样做：{join_cn(list(care))}。如果出现{join_cn(list(warning))}，请立即就医。"
-                + M.DISCLAIMER)
+        return f"在家可以这样做：{join_cn(list(care))}。如果出现{join_cn(list(warning))}，请立即就医。" + M.DISCLAIMER
     if aspect == "warning":
-        return f"{c}如果出现{join_cn(list(warning))}，说明情况比较严重，请立即就医，不要拖延。"
-    return (f"{c}是一种常见病，主要症状有{join_cn(list(symptoms[:M.KEY_SYMPTOMS]))}，一般挂{dept}。"
+        return f"如果出现{join_cn(list(warning))}，说明情况比较严重，请立即就医，不要拖延。"
+    return (f"这是一种常见病，主要症状有{join_cn(list(symptoms[:M.KEY_SYMPTOMS]))}，一般挂{dept}。"
             + M.DISCLAIMER)
 
 
@@ -736,7 +829,7 @@ def medical_plan(rng: random.Random) -> dict:
 
 def make_lora_medical(rng: random.Random, sizes: Sizes, plan: dict, pool: list) -> list[dict]:
     out = []
-    per_aspect = {"department": 7, "symptom": 7, "care": 4, "warning": 4, "overview": 2}
+    per_aspect = {"department": 7, "symptom": 7, "care": 3, "warning": 3, "overview": 2}
     for c in sorted(M.CONDITIONS):
         for aspect, n in sorted(per_aspect.items()):
             for t in rng.sample(plan[aspect][0], n):
@@ -824,10 +917,10 @@ def make_eval(rng: random.Random, world: World, sizes: Sizes, id_held: list, med
         dept_qs = rng.sample(med_plan["department"][1], 2 if c in extra else 1)
         for t in dept_qs:
             medical.append({"id": "", "question": t.format(c=c), "answers": [dept], "kind": "medical_department",
-                            "reference": f"{c}应该挂{dept}。"})
+                            "reference": f"应该挂{dept}。"})
         medical.append({"id": "", "question": rng.choice(med_plan["symptom"][1]).format(c=c),
                         "answers": list(symptoms[:M.KEY_SYMPTOMS]), "kind": "medical_symptom",
-                        "reference": f"{c}的常见症状有{join_cn(list(symptoms))}。"})
+                        "reference": f"常见症状有{join_cn(list(symptoms))}。"})
     for i, item in enumerate(medical, 1):
         item["id"] = f"med-{i:03d}"
     return {"general_qa": general, "identity": identity, "medical_qa": medical}

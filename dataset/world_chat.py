@@ -40,7 +40,6 @@ IDENTITY_QUESTIONS = {
               "你是什么类型的人工智能？", "你属于什么模型？", "你是语言模型吗？"),
 }
 IDENTITY_PREFIXES = ("", "你好，", "请问", "嗨，", "我想知道，", "问一下，", "喂，", "hello，", "冒昧问一句，", "朋友，")
-IDENTITY_HELDOUT_CORE = 1      # per kind: core phrasings held out entirely (every prefix) for eval
 IDENTITY_EVAL_ITEMS = 60
 
 BASE_PERSONA = {

@@ -159,19 +159,31 @@ def test_lora_knowledge_absent_before_lora(data):
     pretrain = "\n".join(r["text"] for r in data["pretrain_demo.jsonl"])
     sft = "\n".join(chat_texts(data["sft_demo.jsonl"]))
     medical = "\n".join(chat_texts(data["lora_medical.jsonl"]))
-    # The words (departments, symptoms) may be seen before LoRA, in lists that name no condition; the
-    # knowledge -- which condition goes with which department and symptoms -- needs the condition names,
-    # and those appear only in the LoRA data.
-    for term in sorted(M.CONDITIONS):
-        assert term not in pretrain, f"medical condition {term!r} in pretraining"
-        assert term not in sft, f"medical condition {term!r} in SFT data"
+    # The words (condition names, departments, symptoms) are read in pretraining and written in SFT
+    # copy exercises, each kind on its own, so their tokens are trained; the knowledge -- which
+    # condition goes with which department and symptoms -- is only in the LoRA data: no pretraining
+    # document or SFT conversation names a condition together with a department or a medical phrase,
+    # and none names a department together with a symptom.
+    names = sorted(M.CONDITIONS, key=len, reverse=True)   # "偏头痛" contains the symptom word "头痛"
+    depts = {d for d, *_ in M.CONDITIONS.values()}
+    phrases = depts | {x for _, s, c, w in M.CONDITIONS.values() for x in s + c + w}
+    symptoms = {x for _, s, _, _ in M.CONDITIONS.values() for x in s}
+    docs = [r["text"] for r in data["pretrain_demo.jsonl"]]
+    docs += ["\n".join(chat_texts([r])) for r in data["sft_demo.jsonl"]]
+    n_named = 0
+    for text in docs:
+        rest = text
+        for n in names:
+            rest = rest.replace(n, "")
+        if rest != text:
+            n_named += 1
+            assert not any(p in rest for p in phrases), f"condition named next to medical facts: {text}"
+        if any(d in rest for d in depts):
+            assert not any(x in rest for x in symptoms - depts), f"department named next to symptoms: {text}"
+    assert n_named > 1000   # the names are words the base model knows
     terms = set(M.CONDITIONS) | {a for it in data["eval/medical_qa.jsonl"] for a in it["answers"]}
     for term in sorted(terms):
         assert term in medical, f"medical term {term!r} never taught by lora_medical"
-    sft_answers = "\n".join(t["content"] for r in data["sft_demo.jsonl"] for t in r["conversations"]
-                            if t["role"] == "assistant")
-    for dept in sorted({d for d, *_ in M.CONDITIONS.values()}):
-        assert dept not in sft_answers, f"SFT answers name the department {dept!r}"
     new_name, new_maker = C.LORA_PERSONA["name"], C.LORA_PERSONA["maker"]
     for text, where in ((pretrain, "pretraining"), (sft, "SFT")):
         assert new_name not in text and new_maker not in text, f"LoRA persona in {where}"
@@ -204,3 +216,70 @@ def test_chat_characters_are_trained_in_pretraining(data):
                                                "eval/medical_qa.jsonl") for it in data[rel])
     rare = sorted(c for c in set(chat) if not c.isascii() and not c.isspace() and counts[c] < G.Sizes().min_char_count)
     assert not rare, f"characters rare in pretraining: {''.join(rare)}"
+
+
+def test_heldout_phrasings_recombine_seen_parts():
+    """A held-out fact question is a generic shape used in training for other attributes, with this
+    attribute's noun, which training uses in other shapes (or, without a noun, its own phrasing)."""
+    from dataset import demo_world as W
+    world = G.build_world(42)
+    attrs = {("person", a.key): a for a in W.PERSON_ATTRS}
+    attrs.update({(c.key, a.key): a for c in W.CATEGORIES for a in c.attrs})
+    train_shapes = {}
+    for key, (train, _) in world.questions.items():
+        noun = attrs[key].noun
+        for t in train:
+            if noun and noun in t:
+                train_shapes.setdefault(t.replace(noun, "{n}"), set()).add(key)
+    for key, (train, held) in world.questions.items():
+        assert len(held) == 2 and not set(held) & set(train), key
+        noun = attrs[key].noun
+        for t in held:
+            if noun:
+                shape = t.replace(noun, "{n}")
+                assert shape in W.GENERIC_QUESTIONS, (key, t)
+                assert train_shapes.get(shape, set()) - {key}, f"{key}: shape of {t!r} never seen in training"
+                assert any(noun in x for x in train), f"{key}: noun {noun!r} never seen in training"
+            else:
+                assert t in attrs[key].questions, (key, t)
+
+
+def test_identity_eval_recombines_seen_parts(data):
+    train = set()
+    for rel in ("sft_demo.jsonl", "lora_identity.jsonl"):
+        train |= user_turns(data[rel])
+    cores = sorted({q for qs in C.IDENTITY_QUESTIONS.values() for q in qs}, key=len, reverse=True)
+    for item in data["eval/identity.jsonl"]:
+        q = item["question"]
+        core = next(c for c in cores if q.endswith(c))
+        prefix = q[: -len(core)]
+        assert prefix and core in train, q
+        assert any(t.startswith(prefix) and t != q for t in train), q
+
+
+def test_medical_answers_never_spell_the_condition(data):
+    """Replies lead with the department/symptoms and never repeat a condition name."""
+    names = sorted(M.CONDITIONS)
+    n = 0
+    for c in data["lora_medical.jsonl"]:
+        msgs = c["conversations"]
+        if any(name in m["content"] for m in msgs if m["role"] == "user" for name in names):
+            n += 1
+            for m in msgs:
+                if m["role"] == "assistant":
+                    assert not any(name in m["content"] for name in names), m["content"]
+    assert n > 1000
+
+
+def test_side_characters_are_not_people_of_the_world(data):
+    """The side characters (dialogue speakers, pupils, the names SFT practises copying) have no facts."""
+    world = G.build_world(42)
+    people = {p["name"] for p in world.people}
+    extras = [e["name"] for e in world.extras]
+    assert extras and not people & set(extras)
+    assert not {p[1:] for p in people} & {e[1:] for e in extras}   # not even a shared given name
+    pretrain = "\n".join(r["text"] for r in data["pretrain_demo.jsonl"])
+    sft = "\n".join(chat_texts(data["sft_demo.jsonl"]))
+    for name in extras:
+        assert pretrain.count(name) >= 150, f"side character {name} too rare in pretraining"
+    assert sum(name in sft for name in extras) >= 0.9 * len(extras)

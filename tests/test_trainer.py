@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import Subset
 
 from model.common import TinyMindError, run_main, safe_load
 from trainer import train_pretrain, train_sft, trainer_utils
-from trainer.trainer_utils import (build_optimizer, epoch_batches, get_rng_states, lr_at, set_rng_states,
-                                   setup_device, split_indices)
+from trainer.trainer_utils import (build_optimizer, epoch_batches, get_rng_states, lr_at, sample_lengths,
+                                   set_rng_states, setup_device, split_indices)
 
 FACTS = ["the cat sat on the mat.", "tiny mind is a small model.", "the sky is blue and the grass is green.",
          "one two three four five six seven.", "alpha beta gamma delta epsilon."]
@@ -142,6 +143,22 @@ def test_sampler_deterministic_sharded_and_resumable():
     assert set(r0[-1] + r1[-1]) < set(one[-1])  # the last one lacks the dropped remainder
     train, val = split_indices(50, 0.1, seed=1)
     assert len(val) == 5 and sorted(train + val) == list(range(50)) and (train, val) == split_indices(50, 0.1, 1)
+
+
+def test_sampler_groups_by_length():
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 200, (1000,), generator=g).tolist()
+    plain = epoch_batches(1000, 8, seed=3, epoch=1)
+    grouped = epoch_batches(1000, 8, seed=3, epoch=1, lengths=lengths, group_size=16)
+    assert grouped == epoch_batches(1000, 8, seed=3, epoch=1, lengths=lengths, group_size=16)
+    assert sorted(i for b in grouped for i in b) == list(range(1000))  # each sample once per epoch
+    padded = lambda batches: sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded(grouped) < 0.7 * padded(plain)  # much less padding to compute
+    assert len({max(lengths[i] for i in b) for b in grouped[:10]}) > 3  # batch order is still shuffled
+    r0, r1 = (epoch_batches(1000, 8, 3, 1, r, 2, lengths=lengths) for r in (0, 1))
+    assert len(r0) == len(r1) and not {i for b in r0 for i in b} & {i for b in r1 for i in b}
+    ds = Subset(type("D", (), {"lengths": lengths, "__len__": lambda self: 1000})(), [5, 2, 9])
+    assert sample_lengths(ds) == [lengths[5], lengths[2], lengths[9]]
 
 
 def test_optimizer_decays_matrices_only_and_skips_frozen():

@@ -10,8 +10,9 @@ pretraining and SFT (trainer/trainer_utils.py) on chat data with the assistant-o
     out/{lora_name}_{hidden}_loss.png     the loss curve (train + validation)
 
 CPU demo on the shipped data (run train_pretrain.py and train_sft.py first):
-    python trainer/train_lora.py                                   # lora_identity (the defaults)
-    python trainer/train_lora.py --lora_name lora_medical --data_path dataset/lora_medical.jsonl
+    python trainer/train_lora.py                                   # lora_identity (the defaults: r=16, 4 epochs)
+    python trainer/train_lora.py --lora_name lora_medical --data_path dataset/lora_medical.jsonl \
+        --epochs 9 --learning_rate 5e-3                            # new knowledge needs more passes
     python trainer/train_lora.py --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --use_rslora 1
     python eval_llm.py --weight full_sft --lora_weight lora_identity    # chat with it
 One GPU / several GPUs:
@@ -38,15 +39,15 @@ from trainer.trainer_utils import (RunFiles, TrainConfig, add_common_args, check
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="TinyMind LoRA fine-tuning (frozen base, trainable low-rank adapters).")
     # The output is named by --lora_name, so the common --weight flag is left out.
-    add_common_args(p, skip=("weight",), data_path="dataset/lora_identity.jsonl", epochs=3, batch_size=32,
+    add_common_args(p, skip=("weight",), data_path="dataset/lora_identity.jsonl", epochs=4, batch_size=32,
                     learning_rate=2e-3, max_seq_len=256, weight_decay=0.0)
     p.add_argument("--lora_name", default="lora_identity",
                    help="adapter name; writes {save_dir}/{lora_name}_{hidden}.pth (letters, digits, _)")
     p.add_argument("--from_weight", default="full_sft",
                    help="frozen base model: {save_dir}/{from_weight}_{hidden}.pth (default: full_sft)")
-    p.add_argument("--lora_rank", type=int, default=8, help="r, the inner size of B @ A (default: 8)")
-    p.add_argument("--lora_alpha", type=float, default=16.0,
-                   help="scaling numerator: scaling = alpha / r, or alpha / sqrt(r) with --use_rslora 1 (default: 16)")
+    p.add_argument("--lora_rank", type=int, default=16, help="r, the inner size of B @ A (default: 16)")
+    p.add_argument("--lora_alpha", type=float, default=32.0,
+                   help="scaling numerator: scaling = alpha / r, or alpha / sqrt(r) with --use_rslora 1 (default: 32)")
     p.add_argument("--lora_dropout", type=float, default=0.0,
                    help="dropout on the LoRA branch's input only (default: 0)")
     p.add_argument("--lora_targets", default=DEFAULT_TARGETS,

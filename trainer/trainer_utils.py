@@ -184,6 +184,7 @@ class TrainConfig:
     seed: int = 42  # data order and per-rank RNG streams
     num_workers: int = 0  # DataLoader workers
     use_compile: int = 0  # 1: torch.compile
+    group_by_length: int = 1  # 1: batch chat samples of similar length together (see epoch_batches)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
@@ -248,8 +249,10 @@ def add_common_args(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (),
         ("seed", int, "random seed (model init, data order, validation split)"),
         ("num_workers", int, "DataLoader worker processes (0 = load in the training process)"),
         ("skip_bad_lines", int, "1: skip and count malformed data lines instead of stopping at the first"),
+        ("group_by_length", int, "1: batch conversations of similar length together, so less padding is "
+                                 "computed (SFT/LoRA; pretraining windows are all the same length)"),
     ]
-    choices = {"from_resume": [0, 1], "use_compile": [0, 1], "skip_bad_lines": [0, 1],
+    choices = {"from_resume": [0, 1], "use_compile": [0, 1], "skip_bad_lines": [0, 1], "group_by_length": [0, 1],
                "dtype": ["auto", "float32", "bfloat16", "float16"]}
     for name, typ, help_text in flags:
         if name in skip:
@@ -266,7 +269,7 @@ def run_key(args: argparse.Namespace, stage: str, ctx: DeviceContext, *extra_fla
     the optimizer's trajectory). Logging/saving intervals, device, dtype and workers may change."""
     names = ["data_path", "max_seq_len", "epochs", "batch_size", "accumulation_steps", "learning_rate",
              "warmup_ratio", "warmup_steps", "min_lr_ratio", "weight_decay", "grad_clip", "max_steps",
-             "seed", "val_ratio", *extra_flags]
+             "seed", "val_ratio", "group_by_length", *extra_flags]
     key = {"stage": stage, "world_size": ctx.world_size}
     for n in names:
         v = getattr(args, n)
@@ -325,7 +328,8 @@ def split_dataset(dataset, val_ratio: float, seed: int):
     return Subset(dataset, train_idx), (Subset(dataset, val_idx) if val_idx else None)
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1,
+                  lengths=None, group_size: int = 64) -> list[list[int]]:
     """This rank's micro-batches (lists of indices into the training split) for one epoch.
 
     One permutation per epoch from (seed, epoch), identical on every rank; rank r takes every
@@ -333,11 +337,34 @@ def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
     rank has the same number of batches (DDP needs all ranks to step together). The last batch may be
     smaller than batch_size. Nothing here depends on hidden state, so a resumed run can recompute the
     same list and skip the batches already done.
+
+    ``lengths`` (one per sample, optional) groups samples of similar length: the shuffled samples are
+    cut into runs of ``group_size`` batches, each run is sorted by length and cut into batches, and
+    the batches are shuffled. Every sample is still seen once per epoch, but a batch is padded to a
+    length close to its own samples' instead of to the longest of 32 random ones.
     """
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     perm = torch.randperm(n, generator=g).tolist()
     mine = perm[rank: (n // world_size) * world_size: world_size]
-    return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    if lengths is None:
+        return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+    run = batch_size * group_size
+    batches = []
+    for i in range(0, len(mine), run):
+        chunk = sorted(mine[i:i + run], key=lambda j: lengths[j])  # stable: ties keep the shuffled order
+        batches += [chunk[k:k + batch_size] for k in range(0, len(chunk), batch_size)]
+    order = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[k] for k in order]
+
+
+def sample_lengths(dataset):
+    """Token length of every sample of ``dataset`` (an SFTDataset or a Subset of one), or None when
+    all samples are equally long (pretraining windows) or the dataset does not say."""
+    if isinstance(dataset, Subset):
+        inner = sample_lengths(dataset.dataset)
+        return None if inner is None else [inner[i] for i in dataset.indices]
+    lengths = getattr(dataset, "lengths", None)
+    return None if lengths is None else [int(x) for x in lengths]
 
 
 def seed_everything(seed: int) -> None:
@@ -607,7 +634,8 @@ def train_loop(model: nn.Module, train_set, val_set, collate_fn: Callable, tc: T
     n = len(train_set)
     if n < ctx.world_size:
         raise TinyMindError(f"the training split has {n} samples, fewer than the {ctx.world_size} processes")
-    n_batches = len(epoch_batches(n, tc.batch_size, tc.seed, 0, ctx.rank, ctx.world_size))
+    lengths = sample_lengths(train_set) if tc.group_by_length else None
+    n_batches = len(epoch_batches(n, tc.batch_size, tc.seed, 0, ctx.rank, ctx.world_size, lengths))
     steps_per_epoch = math.ceil(n_batches / tc.accumulation_steps)
     total_steps = tc.epochs * steps_per_epoch
     if tc.max_steps > 0:
@@ -688,7 +716,7 @@ def train_loop(model: nn.Module, train_set, val_set, collate_fn: Callable, tc: T
         for epoch in range(state["epoch"], tc.epochs):
             if state["step"] >= total_steps:
                 break
-            batches = epoch_batches(n, tc.batch_size, tc.seed, epoch, ctx.rank, ctx.world_size)
+            batches = epoch_batches(n, tc.batch_size, tc.seed, epoch, ctx.rank, ctx.world_size, lengths)
             groups = [batches[i:i + tc.accumulation_steps] for i in range(0, len(batches), tc.accumulation_steps)]
             first = state["step_in_epoch"] if epoch == state["epoch"] else 0
             # A dedicated generator: creating the loader must not consume the global torch RNG.
