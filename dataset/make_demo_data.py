@@ -82,6 +82,7 @@ class Sizes:
     sft_instructions: int = 1500
     sft_name_in_context: int = 1200    # self-introductions and stranger Q&A with names outside the world
     sft_word_lists: int = 2400         # "copy these words" with the medical vocabulary, one kind per list
+    sft_persona_pieces: int = 400      # "copy these words" with the LoRA persona's characters among others
     sft_multi_turn: int = 1500
     sft_stories: int = 150
     system_share: float = 0.1          # share of single-turn SFT conversations that get a system turn
@@ -690,6 +691,7 @@ def make_sft(rng: random.Random, world: World, sizes: Sizes, id_train: list) -> 
     single += [instruction(rng) for _ in range(sizes.sft_instructions)]
     single += [name_in_context(rng, world) for _ in range(sizes.sft_name_in_context)]
     single += [copy_words(rng) for _ in range(sizes.sft_word_lists)]
+    single += [copy_persona_pieces(rng) for _ in range(sizes.sft_persona_pieces)]
     for _ in range(sizes.sft_stories):
         request = rng.choice(("给我讲一个小故事。", "讲个故事吧。", "能讲个短故事吗？", "我想听故事。"))
         if rng.random() < 0.5:
@@ -722,6 +724,27 @@ def copy_words(rng: random.Random) -> dict:
         pool = sorted({x for v in M.CONDITIONS.values() for x in v[1] if not any(c in x for c in M.CONDITIONS)})
     words = "、".join(rng.sample(pool, rng.randint(3, 5)))
     return conv(rng.choice(COPY_REQUESTS).format(w=words), words + "。")
+
+
+def persona_pieces() -> list[str]:
+    """The LoRA persona's name and maker cut into the tokens a BPE tokenizer is likely to give them:
+    single characters, and the common word "实验室"."""
+    name, maker = C.LORA_PERSONA["name"], C.LORA_PERSONA["maker"]
+    return list(name) + list(maker.removesuffix("实验室")) + ["实验室"]
+
+
+def copy_persona_pieces(rng: random.Random) -> dict:
+    """The same copy exercise with two or three pieces of the LoRA persona ("知", "微", "青", "禾",
+    "实验室") among common words, never two pieces side by side in their persona order: SFT never
+    writes "知微" or "青禾实验室", but the base model writes each of their tokens, so the identity
+    adapter can write the name and the maker instead of stray bytes."""
+    pieces = persona_pieces()
+    while True:
+        words = rng.sample(pieces, rng.randint(2, 3)) + rng.sample(W.JOBS + W.COLORS, 3)
+        rng.shuffle(words)
+        text = "、".join(words)
+        if not any(a + "、" + b in text for a, b in zip(pieces, pieces[1:])):
+            return conv(rng.choice(COPY_REQUESTS).format(w=text), text + "。")
 
 
 def name_in_context(rng: random.Random, world: World) -> dict:
