@@ -442,13 +442,18 @@ HOSPITAL_DOCS = (
 )
 
 
+# The medical vocabulary, one kind per list: departments, and the symptom ("s"), self-care ("c") and
+# warning ("w") phrases that contain no condition name. Used by hospital_docs and copy_words.
+MED_DEPARTMENTS = sorted({v[0] for v in M.CONDITIONS.values()})
+MED_PHRASES = {k: sorted({x for v in M.CONDITIONS.values() for x in v[i] if not any(c in x for c in M.CONDITIONS)})
+               for k, i in (("s", 1), ("c", 2), ("w", 3))}
+
+
 def hospital_docs(rng: random.Random, n: int) -> list[str]:
     """Hospital vocabulary (departments, symptom words, self-care and warning phrases) in lists that
     never name a condition: the base model learns the words, and lora_medical alone teaches which
     condition goes with which department and symptoms."""
-    depts = sorted({v[0] for v in M.CONDITIONS.values()})
-    pools = {k: sorted({x for v in M.CONDITIONS.values() for x in v[i] if not any(c in x for c in M.CONDITIONS)})
-             for k, i in (("s", 1), ("c", 2), ("w", 3))}
+    depts, pools = MED_DEPARTMENTS, MED_PHRASES
     docs = []
     for _ in range(n):
         t = rng.choice(HOSPITAL_DOCS)
@@ -715,15 +720,14 @@ def copy_words(rng: random.Random) -> dict:
     list, so no conversation pairs a condition with its department or symptoms. The replies make the
     base model *write* these words (a word only ever read as input keeps an untrained output row,
     which a LoRA cannot fix: the embedding is tied and frozen); the knowledge stays in lora_medical."""
-    kind = rng.randrange(3)
-    if kind == 0:
-        pool = sorted(M.CONDITIONS)
-    elif kind == 1:
-        pool = sorted({v[0] for v in M.CONDITIONS.values()})
-    else:
-        pool = sorted({x for v in M.CONDITIONS.values() for x in v[1] if not any(c in x for c in M.CONDITIONS)})
-    words = "、".join(rng.sample(pool, rng.randint(3, 5)))
-    return conv(rng.choice(COPY_REQUESTS).format(w=words), words + "。")
+    pool = (sorted(M.CONDITIONS), MED_DEPARTMENTS, MED_PHRASES["s"])[rng.randrange(3)]
+    return copy_conv(rng, rng.sample(pool, rng.randint(3, 5)))
+
+
+def copy_conv(rng: random.Random, words: list[str]) -> dict:
+    """One copy exercise: the user lists ``words``, the assistant writes them back."""
+    text = "、".join(words)
+    return conv(rng.choice(COPY_REQUESTS).format(w=text), text + "。")
 
 
 def persona_pieces() -> list[str]:
@@ -742,9 +746,8 @@ def copy_persona_pieces(rng: random.Random) -> dict:
     while True:
         words = rng.sample(pieces, rng.randint(2, 3)) + rng.sample(W.JOBS + W.COLORS, 3)
         rng.shuffle(words)
-        text = "、".join(words)
-        if not any(a + "、" + b in text for a, b in zip(pieces, pieces[1:])):
-            return conv(rng.choice(COPY_REQUESTS).format(w=text), text + "。")
+        if not any(a + "、" + b in "、".join(words) for a, b in zip(pieces, pieces[1:])):
+            return copy_conv(rng, words)
 
 
 def name_in_context(rng: random.Random, world: World) -> dict:
@@ -798,10 +801,11 @@ def multi_turn(rng: random.Random, world: World) -> dict:
 def replay_pool(sft: list[dict]) -> list[dict]:
     """General SFT conversations that say nothing about who the assistant is (and no copy exercises
     of medical words: the LoRA files keep one clear job each)."""
+    medical = sorted(M.CONDITIONS) + MED_DEPARTMENTS
+
     def keep(c):
         text = "".join(m["content"] for m in c["conversations"])
-        return "TinyMind" not in text and not any(name in text for name in M.CONDITIONS) and \
-            not any(d in text for d, *_ in M.CONDITIONS.values())
+        return "TinyMind" not in text and not any(w in text for w in medical)
     return [c for c in sft if keep(c)]
 
 
