@@ -24,13 +24,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere
 
 import argparse
-import re
 import time
 
 import torch
 
-from model.common import TinyMindError, repo_path, run_main
-from model.model import get_config, load_model
+from model.common import TinyMindError, find_checkpoint, repo_path, run_main, setup_device
+from model.model import load_model
 from model.model_lora import load_lora, merge_lora, set_active_adapters
 from model.tokenizer import load_tokenizer
 
@@ -63,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--merge", action="store_true", help="merge the LoRA adapters into the weights before chatting")
     p.add_argument("--save_dir", default="out", help="folder holding the checkpoints (relative to the repo root)")
     p.add_argument("--hidden_size", type=int, default=None,
-                   help="picks the file {weight}_{hidden}.pth (default: the only such file, else the tiny preset's)")
+                   help="picks the file {weight}_{hidden}.pth (default: the only {weight}_*.pth in --save_dir)")
     p.add_argument("--num_hidden_layers", type=int, default=None,
                    help="accepted for MiniMind compatibility; checked against the checkpoint's own config")
     p.add_argument("--tokenizer_path", default="model/tokenizer.json", help="tokenizer file")
@@ -86,48 +85,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def weights_in(save_dir: Path) -> str:
-    """The checkpoint and LoRA names present, for 'not found' messages."""
-    names = sorted(p.stem for p in save_dir.glob("*.pth") if not p.stem.endswith("_resume"))
-    return ", ".join(names) or "(none)"
-
-
-def find_file(save_dir: Path, shown: str, name: str, hidden: int) -> Path:
-    path = save_dir / f"{name}_{hidden}.pth"
-    if not path.is_file():
-        raise TinyMindError(f"{shown}/{name}_{hidden}.pth not found; weights in {shown}/: {weights_in(save_dir)}")
-    return path
-
-
-def pick_hidden(args, save_dir: Path) -> int:
-    """--hidden_size, else the only {weight}_<hidden>.pth present, else the tiny preset's hidden size."""
-    if args.hidden_size:
-        return args.hidden_size
-    pattern = re.compile(re.escape(args.weight) + r"_(\d+)\.pth")
-    found = [int(m.group(1)) for p in save_dir.glob("*.pth") if (m := pattern.fullmatch(p.name))]
-    return found[0] if len(found) == 1 else get_config("tiny").hidden_size
-
-
-def pick_device(device: str, dtype: str):
-    """--device/--dtype -> (device, torch dtype): auto = cuda -> mps -> cpu; bf16/fp16 on a GPU, fp32 on CPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(device.split(":")[0]):
-        raise TinyMindError(f"--device {device}: not available here (auto, cpu, cuda, cuda:1, mps)")
-    if dtype == "auto":  # a GPU reads half the bytes per token in 16 bits; CPU matmuls are fastest in fp32
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.startswith("cuda") else "float32"
-    return device, getattr(torch, dtype)
-
-
 class Session:
     """A loaded model + tokenizer + the chat state (history, active adapters)."""
 
     def __init__(self, args):
         self.args = args
-        save_dir, shown = repo_path(args.save_dir), args.save_dir.rstrip("/") or "."
-        path = find_file(save_dir, shown, args.weight, pick_hidden(args, save_dir))
-        self.device, dtype = pick_device(args.device, args.dtype)
+        shown = args.save_dir.rstrip("/") or "."
+        dev = setup_device(args.device, args.dtype, log=False, inference=True)  # a bad flag fails first
+        self.device, dtype = dev.device, dev.dtype
+        path = find_checkpoint(args.save_dir, args.weight, args.hidden_size)
         # Load in fp32 and cast only after the LoRA files are checked against the base weights and merged.
         self.model, ckpt = load_model(path, device=self.device)
         cfg = self.model.config
@@ -146,7 +112,8 @@ class Session:
         self.ctx = cfg.max_position_embeddings
         self.adapters = [n.strip() for n in (args.lora_weight or "").split(",") if n.strip()]
         for name in self.adapters:
-            load_lora(self.model, find_file(save_dir, shown, name, cfg.hidden_size), adapter_name=name)
+            lora_path = find_checkpoint(args.save_dir, name, cfg.hidden_size, what="LoRA file")
+            load_lora(self.model, lora_path, adapter_name=name)
         if self.adapters:
             set_active_adapters(self.model, self.adapters)
         self.active, self.merged = list(self.adapters), args.merge

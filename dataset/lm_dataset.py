@@ -30,14 +30,13 @@ import argparse
 import glob
 import hashlib
 import json
-import os
 import time
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from model.common import ROOT, TinyMindError, repo_path, run_main
+from model.common import ROOT, TinyMindError, atomic_write, atomic_write_text, repo_path, run_main
 from model.tokenizer import CHAT_ROLES, TinyMindTokenizer, load_tokenizer
 
 IGNORE_INDEX = -100  # label value the loss skips (F.cross_entropy's default ignore_index)
@@ -233,8 +232,6 @@ def build_token_cache(path: Path, tokenizer: TinyMindTokenizer, bin_path: Path, 
     progress = Progress("tokenize", reader)
     bos, eos = tokenizer.bos_id, tokenizer.eos_id
     n_docs = n_tokens = 0
-    bin_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = bin_path.with_name(bin_path.name + ".tmp")
 
     def write(texts, f):
         nonlocal n_docs, n_tokens
@@ -247,29 +244,22 @@ def build_token_cache(path: Path, tokenizer: TinyMindTokenizer, bin_path: Path, 
         n_docs, n_tokens = n_docs + len(texts), n_tokens + len(flat)
         progress(n_tokens)
 
-    try:
-        with open(tmp, "wb") as f:
-            batch = []
-            for _, text in reader:
-                batch.append(text)
-                if len(batch) == BATCH_LINES:
-                    write(batch, f)
-                    batch = []
-            if batch:
+    with atomic_write(bin_path) as tmp, open(tmp, "wb") as f:
+        batch = []
+        for _, text in reader:
+            batch.append(text)
+            if len(batch) == BATCH_LINES:
                 write(batch, f)
+                batch = []
+        if batch:
+            write(batch, f)
         if n_docs == 0:
             skipped = f"; {reader.num_bad} bad line(s) skipped" if reader.num_bad else ""
             raise TinyMindError(f"{reader.name}: empty dataset (no usable lines{skipped})")
-        os.replace(tmp, bin_path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     meta = {"version": CACHE_VERSION, "data": reader.name, "dtype": np.dtype(dtype).name,
             "num_tokens": n_tokens, "num_docs": n_docs, "num_bad_lines": reader.num_bad,
             "first_bad_line": reader.first_bad, "tokenizer": tokenizer.fingerprint}
-    tmp_meta = meta_path.with_name(meta_path.name + ".tmp")
-    tmp_meta.write_text(json.dumps(meta, indent=1), encoding="utf-8")
-    os.replace(tmp_meta, meta_path)
+    atomic_write_text(meta_path, json.dumps(meta, indent=1))
     dt = progress.elapsed()
     print(f"[tokenize] {reader.name}: {n_docs:,} docs -> {n_tokens:,} tokens in {dt:.1f}s "
           f"({reader.bytes_read / 2**20 / max(dt, 1e-6):.1f} MB/s), cache {display_path(bin_path)}", flush=True)

@@ -45,7 +45,7 @@ from dataset import demo_world as W
 from dataset import world_chat as C
 from dataset import world_medical as M
 from dataset import world_stories as S
-from model.common import TinyMindError, repo_path, run_main
+from model.common import TinyMindError, atomic_write_text, repo_path, run_main
 
 FILES = ("pretrain_demo.jsonl", "sft_demo.jsonl", "lora_identity.jsonl", "lora_medical.jsonl",
          "eval/general_qa.jsonl", "eval/identity.jsonl", "eval/medical_qa.jsonl")
@@ -996,13 +996,8 @@ def generate(seed: int = 42, sizes: Sizes | None = None) -> dict[str, list[dict]
 
 def write_all(records: dict, out_dir: Path) -> None:
     for rel in FILES:
-        path = out_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-            for rec in records[rel]:
-                fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        tmp.replace(path)
+        text = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records[rel])
+        atomic_write_text(out_dir / rel, text)
 
 
 def stats(out_dir: Path) -> list[dict]:

@@ -6,17 +6,25 @@
 - ``TinyMindError`` and ``run_main``: a user mistake (missing file, malformed data line, bad flag,
   a checkpoint for another model) is raised as ``TinyMindError`` and printed as one line with exit
   status 2 -- no traceback.
-- ``atomic_save`` / ``safe_load``: every file we write goes to ``*.tmp`` first and is moved into
-  place with ``os.replace``, so an interrupted save never destroys the previous good file; every file
-  we read goes through ``torch.load(..., weights_only=True)``, which refuses pickles that run code.
+- ``atomic_write`` (and ``atomic_save`` / ``atomic_write_text`` on top of it): the one way TinyMind
+  writes a file. The content goes to ``*.tmp`` first and is moved into place with ``os.replace``, so an
+  interrupted write never destroys the previous good file.
+- ``safe_load``: every checkpoint we read goes through ``torch.load(..., weights_only=True)``, which
+  refuses pickles that run code.
+- ``find_checkpoint``: the one rule that turns (save_dir, name, hidden size or none) into a file.
+- ``setup_device`` / ``DeviceContext``: the one rule that picks the device (cuda -> mps -> cpu), the
+  autocast dtype and DDP, used by every script.
 """
 from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,18 +48,38 @@ def run_main(main, argv=None):
         sys.exit(2)
 
 
-def atomic_save(obj, path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path + '.tmp'``, then ``os.replace`` it over ``path`` (atomic on POSIX)."""
+@contextmanager
+def atomic_write(path: str | os.PathLike):
+    """Yield a temporary path next to ``path``; when the block ends without an error, move it over
+    ``path`` with ``os.replace`` (atomic on POSIX). On an error the temporary file is removed and the
+    old ``path``, if any, is untouched.
+
+        with atomic_write(out / "report.md") as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        torch.save(obj, tmp)
+        yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    return path
+
+
+def atomic_save(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` through ``atomic_write``."""
+    with atomic_write(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write a text file (UTF-8) through ``atomic_write``."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def safe_load(path: str | os.PathLike, what: str = "checkpoint", map_location="cpu") -> dict:
@@ -69,11 +97,13 @@ def safe_load(path: str | os.PathLike, what: str = "checkpoint", map_location="c
     return obj
 
 
-def find_checkpoint(save_dir, name: str, hidden_size: int | None = None, what: str = "checkpoint") -> Path:
-    """Resolve ``{save_dir}/{name}_{hidden}.pth`` (MiniMind's naming).
+def find_checkpoint(save_dir, name: str, hidden_size: int | None = None, what: str = "checkpoint",
+                    missing_ok: bool = False) -> Path | None:
+    """Resolve ``{save_dir}/{name}_{hidden}.pth`` (MiniMind's naming): the one rule every script uses.
 
-    With ``hidden_size=None`` the one file matching ``{name}_*.pth`` is taken. A missing file is a
-    user mistake: the message lists the names that do exist, so a typo is easy to spot.
+    With ``hidden_size=None`` the one file matching ``{name}_*.pth`` is taken (several: an error asking
+    for --hidden_size). A missing file is a user mistake: the message lists the names that do exist, so
+    a typo is easy to spot; with ``missing_ok=True`` it returns None instead.
     """
     save_dir = repo_path(save_dir)
     if hidden_size is not None:
@@ -88,5 +118,130 @@ def find_checkpoint(save_dir, name: str, hidden_size: int | None = None, what: s
             raise TinyMindError(f"several {what}s named {name!r} in {save_dir} "
                                 f"({', '.join(p.name for p in found)}); pick one with --hidden_size")
         path = save_dir / f"{name}_<hidden>.pth"
+    if missing_ok:
+        return None
     have = sorted(p.stem for p in save_dir.glob("*.pth") if not p.stem.endswith("_resume")) if save_dir.is_dir() else []
     raise TinyMindError(f"{what} {path} not found; files in {save_dir}: {', '.join(have) or 'none'}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the one device rule
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class DeviceContext:
+    """Where and how a run computes; made by ``setup_device``."""
+
+    device: torch.device
+    dtype: torch.dtype = torch.float32  # autocast dtype; float32 means no autocast at all
+    scaler: object | None = None  # a GradScaler, only for fp16 on CUDA (bf16 has fp32's exponent range)
+    ddp: bool = False
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    reason: str = ""  # the one-line explanation that setup_device logged
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        """Context for forward passes: mixed precision on GPUs, a no-op in fp32."""
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def log(self, msg: str) -> None:
+        """Print on rank 0 only, so N processes do not print N copies."""
+        if self.is_main:
+            print(msg, flush=True)
+
+
+def setup_device(device: str = "auto", dtype: str = "auto", log: bool = True,
+                 inference: bool = False) -> DeviceContext:
+    """Decide device, dtype and DDP in one place; log (rank 0) what was chosen and why. Every script
+    (training, chat, evaluation, benchmark, conversion, server) calls this and nothing else.
+
+    device: auto (cuda -> mps -> cpu), cpu, cuda, cuda:N, mps. dtype: auto, float32, bfloat16, float16
+    (auto: bf16 on a GPU that has it, else fp16; fp32 on CPU and MPS).
+    Training: ``dtype`` is the autocast dtype. Under ``torchrun --nproc_per_node N`` (WORLD_SIZE > 1)
+    the process group is initialised here: NCCL when training on CUDA (each rank on cuda:LOCAL_RANK),
+    Gloo on CPU.
+    inference=True: ``dtype`` is what the weights are cast to (fp16 is then allowed on CPU too), and no
+    process group is started.
+    """
+    world_size = 1 if inference else int(os.environ.get("WORLD_SIZE", "1"))
+    rank = 0 if inference else int(os.environ.get("RANK", "0"))
+    local_rank = 0 if inference else int(os.environ.get("LOCAL_RANK", "0"))
+    ddp = world_size > 1
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            dev, why = torch.device("cuda", local_rank if ddp else 0), "CUDA is available"
+        elif torch.backends.mps.is_available() and not ddp:
+            dev, why = torch.device("mps"), "Apple MPS is available, no CUDA"
+        else:
+            dev, why = torch.device("cpu"), "no CUDA or MPS found"
+    else:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise TinyMindError(f"--device {device}: expected auto, cpu, cuda, cuda:N or mps") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise TinyMindError(f"--device {device}: CUDA is not available on this machine "
+                                    "(this torch build sees no CUDA GPU; use --device cpu)")
+            if ddp:  # torchrun gives every rank its own GPU
+                dev = torch.device("cuda", local_rank)
+            elif dev.index is None:
+                dev = torch.device("cuda", 0)
+            if dev.index >= torch.cuda.device_count():
+                raise TinyMindError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        elif dev.type == "mps":
+            if not torch.backends.mps.is_available():
+                raise TinyMindError("--device mps: MPS is not available on this machine (use --device cpu)")
+            if ddp:
+                raise TinyMindError("--device mps cannot be used with torchrun (DDP); run one process")
+        elif dev.type != "cpu":
+            raise TinyMindError(f"--device {device}: expected auto, cpu, cuda, cuda:N or mps")
+        why = "--device " + device
+
+    if dtype == "auto":
+        if dev.type == "cuda":
+            bf16 = torch.cuda.is_bf16_supported()
+            amp = torch.bfloat16 if bf16 else torch.float16
+            dwhy = "GPU supports bf16" if bf16 else "GPU lacks bf16, fp16 with loss scaling"
+        else:
+            amp, dwhy = torch.float32, f"{dev.type.upper()} trains in fp32"
+    else:
+        if dtype not in DTYPES:
+            raise TinyMindError(f"--dtype {dtype}: expected auto, float32, bfloat16 or float16")
+        amp, dwhy = DTYPES[dtype], "--dtype " + dtype
+        if amp == torch.float16 and dev.type == "cpu" and not inference:
+            raise TinyMindError("--dtype float16 needs a GPU; on CPU use float32 (or bfloat16)")
+    scaler = None
+    if amp == torch.float16 and dev.type == "cuda" and not inference:  # torch < 2.3 only has the torch.cuda.amp spelling
+        scaler = torch.amp.GradScaler("cuda") if hasattr(torch.amp, "GradScaler") else torch.cuda.amp.GradScaler()
+
+    if ddp:
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        mode = f"DDP rank {rank}/{world_size} ({dist.get_backend()})"
+    else:
+        mode = "single process"
+    dname = f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""
+    reason = (f"device {dev}{dname} [{why}], dtype {str(amp)[6:]} [{dwhy}], {mode}")
+    ctx = DeviceContext(dev, amp, scaler, ddp, rank, local_rank, world_size, reason)
+    if log:
+        ctx.log(reason)
+    return ctx
+
+
+def cleanup_distributed(ctx: DeviceContext) -> None:
+    """Tear down the process group that ``setup_device`` started (no-op without DDP)."""
+    if ctx.ddp and dist.is_initialized():
+        dist.destroy_process_group()

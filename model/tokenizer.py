@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from model.common import TinyMindError, repo_path
+from model.common import TinyMindError, atomic_write, repo_path
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # Reserved specials keep a few ids free for later uses (tool calls, thinking, ...) without retraining.
@@ -92,16 +92,10 @@ class TinyMindTokenizer:
         return "".join(parts)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``tokenizer.json`` atomically (``*.tmp`` then ``os.replace``)."""
+        """Write ``tokenizer.json`` through ``atomic_write``."""
         path = repo_path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
+        with atomic_write(path) as tmp:
             self.tokenizer.save(str(tmp))
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         return path
 
 

@@ -45,10 +45,10 @@ import time
 
 import torch
 
-from model.common import TinyMindError, repo_path, run_main
+from model.common import TinyMindError, atomic_write_text, repo_path, run_main, setup_device
 from model.model import TinyMindForCausalLM, get_config
 from model.model_lora import apply_lora, merge_lora
-from trainer.trainer_utils import build_optimizer
+from trainer.train_loop import build_optimizer
 
 MEASUREMENTS = ("lora_step", "lora_memory", "merged_forward", "unmerged_forward",
                 "kv_cache", "decode", "packing", "train")
@@ -535,13 +535,8 @@ def machine_info(device):
 
 
 def pick_device(arg):
-    if arg == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if arg != "cpu" and not arg.startswith("cuda"):
-        raise TinyMindError(f"--device {arg}: choose auto, cpu, cuda or cuda:N")
-    if arg.startswith("cuda") and not torch.cuda.is_available():
-        raise TinyMindError(f"--device {arg}: CUDA is not available on this machine (use --device cpu)")
-    return torch.device(arg)
+    """The one device rule (model.common.setup_device); the benchmark itself casts where it compares dtypes."""
+    return setup_device(arg, "float32", log=False, inference=True).device
 
 
 def parse_args(argv):
@@ -642,11 +637,7 @@ def run_bench(args, argv):
     report["table"] = markdown_table(report["rows"])
     print()
     print(report["table"])
-    out = repo_path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    out = atomic_write_text(repo_path(args.out), json.dumps(report, indent=2) + "\n")
     print(f"\n[bench] {report['seconds']:.0f} s; wrote {out}")
     if args.check and any(r["status"] == "MISS" for r in report["rows"]):
         sys.exit(1)

@@ -11,6 +11,8 @@ What this file implements:
 - ``scaling_table``: ``LoRAConfig.scaling`` for alpha = 16 across ranks, plain and rsLoRA;
 - ``render_blocks`` / ``--update``: the docs hold these tables between ``<!-- doc_numbers:NAME -->``
   markers; ``--update`` rewrites them there, and tests/test_docs.py fails when they differ.
+- ``refresh_line_counts`` / ``--line_counts``: rewrite every stated line count in docs/*.md (``（path，N 行）``)
+  to the file's current length (tests/test_docs.py fails when one is more than 10% off).
 
 Models are built with the random initialisers switched off (``shapes_only``): the parameter shapes are the
 real ones, the values are never computed, so this runs in seconds.
@@ -18,6 +20,7 @@ real ones, the values are never computed, so this runs in seconds.
     python scripts/doc_numbers.py            # print the tables
     python scripts/doc_numbers.py --update   # rewrite the marked tables in docs/*.md
     python scripts/doc_numbers.py --check    # exit 1 if a marked table in docs/*.md is out of date
+    python scripts/doc_numbers.py --line_counts   # refresh the line counts the docs state
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch
 import torch.nn as nn
 
-from model.common import ROOT, run_main
+from model.common import ROOT, atomic_write_text, run_main
 from model.model import PRESETS, TinyMindForCausalLM, get_config
 from model.model_lora import DEFAULT_TARGETS, LoRAConfig, apply_lora
 
@@ -45,6 +48,8 @@ TARGET_SETS = (
     ("q_proj,v_proj", "q_proj,v_proj"),
     ("square only: q_proj,o_proj", "q_proj,o_proj"),
 )
+# the form tests/test_docs.py reads: （path，N 行） or (path, about N lines in Chinese)
+LINE_COUNT_RE = re.compile(r"([（(]\s*`?)([\w./-]+\.\w+)(`?\s*[，,]\s*约?\s*)(\d+)(\s*行\s*[）)])")
 BLOCK_RE = re.compile(r"(<!-- doc_numbers:(\w+) -->\n)(.*?)(<!-- /doc_numbers:\2 -->)", re.S)
 
 
@@ -162,15 +167,42 @@ def update_docs(blocks: dict[str, str], write: bool) -> list[str]:
 
         new = BLOCK_RE.sub(sub, text)
         if write and new != text:
-            doc.write_text(new, encoding="utf-8")
+            atomic_write_text(doc, new)
     return stale
+
+
+def refresh_line_counts() -> list[str]:
+    """Set every stated line count in docs/*.md to the cited file's current length; returns what changed."""
+    changed = []
+    for doc in sorted((ROOT / "docs").glob("*.md")):
+        text = doc.read_text(encoding="utf-8")
+
+        def sub(m):
+            file = ROOT / m.group(2)
+            if not file.is_file():
+                return m.group(0)
+            real = len(file.read_text(encoding="utf-8").splitlines())
+            if int(m.group(4)) != real:
+                changed.append(f"{doc.relative_to(ROOT)}: {m.group(2)} {m.group(4)} -> {real}")
+            return f"{m.group(1)}{m.group(2)}{m.group(3)}{real}{m.group(5)}"
+
+        new = LINE_COUNT_RE.sub(sub, text)
+        if new != text:
+            atomic_write_text(doc, new)
+    return changed
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Print the parameter-count tables the docs quote, computed from the code.")
     p.add_argument("--update", action="store_true", help="rewrite the <!-- doc_numbers:NAME --> tables in docs/*.md")
     p.add_argument("--check", action="store_true", help="exit 1 when a marked table in docs/*.md is out of date")
+    p.add_argument("--line_counts", action="store_true",
+                   help="rewrite the line counts stated in docs/*.md to the files' current lengths, then exit")
     args = p.parse_args(argv)
+    if args.line_counts:
+        for line in refresh_line_counts() or ["line counts: nothing to change"]:
+            print(line)
+        return None
     blocks = render_blocks()
     for name, table in blocks.items():
         print(f"<!-- doc_numbers:{name} -->\n{table}\n<!-- /doc_numbers:{name} -->\n")

@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch
 
-from model.common import TinyMindError, find_checkpoint, repo_path, run_main
+from model.common import (TinyMindError, atomic_write, atomic_write_text, find_checkpoint, repo_path, run_main,
+                          setup_device)
 
 EVAL_SETS = ("general_qa", "identity", "medical_qa")
 # The four variants the README compares: (label, adapters active).
@@ -77,9 +78,7 @@ def reference_reply(item: dict) -> str | None:
         return item["reference"]
     if item.get("answers"):
         return item["answers"][0]
-    if item.get("new_names") or item.get("base_names"):
-        return None  # identity items have no single right reply
-    return None
+    return None  # identity items have no single right reply
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -215,23 +214,18 @@ def bar_chart(rows: list[dict], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, ncol=len(rows))
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def write_report(rows, results, out_dir: Path, meta: dict) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "eval_report.json", "md": out_dir / "eval_report.md",
              "png": out_dir / "eval_chart.png"}
-    tmp = paths["json"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"meta": meta, "summary": rows, "results": results},
-                              ensure_ascii=False, indent=1), encoding="utf-8")
-    tmp.replace(paths["json"])
-    paths["md"].write_text(f"{markdown_table(rows)}\n\n{meta['machine']}; `{meta['command']}`; {meta['date']}\n",
-                           encoding="utf-8")
+    atomic_write_text(paths["json"], json.dumps({"meta": meta, "summary": rows, "results": results},
+                                                ensure_ascii=False, indent=1))
+    atomic_write_text(paths["md"], f"{markdown_table(rows)}\n\n{meta['machine']}; `{meta['command']}`; {meta['date']}\n")
     bar_chart(rows, paths["png"], f"TinyMind held-out evaluation ({meta['weight']}, {meta['date']})")
     return paths
 
@@ -256,19 +250,14 @@ def build_parser():
     return p
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
-    return torch.device(name)
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     from model.model import load_model
     from model.model_lora import load_lora, set_active_adapters
     from model.tokenizer import load_tokenizer
 
-    device = pick_device(args.device)
+    # Scores are computed in fp32 on every device, so they compare across machines.
+    device = setup_device(args.device, "float32", log=False, inference=True).device
     save_dir = repo_path(args.save_dir)
     sets = load_eval_sets(args.eval_dir)
     if args.limit:
@@ -281,7 +270,7 @@ def main(argv=None):
 
     if args.compare:
         variants = [(label, names) for label, names in COMPARE
-                    if all((save_dir / f"{n}_{hidden}.pth").exists() for n in names)]
+                    if all(find_checkpoint(save_dir, n, hidden, missing_ok=True) for n in names)]
     else:
         names = tuple(n.strip() for n in args.lora_weight.split(",") if n.strip())
         variants = [("+" + "+".join(names) if names else args.weight, names)]
@@ -317,10 +306,8 @@ def main(argv=None):
         paths = write_report(rows, results, save_dir, meta)
         print(f"[eval] wrote {paths['json']}, {paths['md']}, {paths['png']}")
     if args.out:
-        out = repo_path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"meta": meta, "summary": rows, "results": results}, ensure_ascii=False, indent=1),
-                       encoding="utf-8")
+        atomic_write_text(repo_path(args.out), json.dumps({"meta": meta, "summary": rows, "results": results},
+                                                          ensure_ascii=False, indent=1))
     return {"summary": rows, "results": results, "meta": meta}
 
 

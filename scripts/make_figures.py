@@ -6,7 +6,7 @@ What this file implements (one function per figure; each reads the real code whe
   model_lora.LoRAConfig's default;
 - ``fig_attention_mask``: the boolean mask TinyMindModel.forward really builds for a left-padded batch
   (captured from the first attention layer with a forward pre-hook on a `smoke` model);
-- ``fig_lr_schedule``: trainer/trainer_utils.lr_at over a run (warmup + cosine to the floor);
+- ``fig_lr_schedule``: trainer/train_loop.py::lr_at over a run (warmup + cosine to the floor);
 - ``fig_rope``: how model.model.apply_rope turns one (x_i, x_{i+hd/2}) pair by position, for a fast and
   a slower frequency, using rope_tables;
 - ``fig_gqa``: which query heads share which key/value head, for the `tiny` and `small` presets;
@@ -34,7 +34,7 @@ import matplotlib.pyplot as plt
 import torch
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 
-from model.common import repo_path, run_main
+from model.common import atomic_write, repo_path, run_main
 
 IMAGES = "docs/images"
 BLUE, ORANGE, GREEN, GREY, RED = "#4c72b0", "#dd8452", "#55a868", "#8c8c8c", "#c44e52"
@@ -50,7 +50,8 @@ def shown(path: Path) -> str:
 
 def save(fig, out_dir: Path, name: str) -> Path:
     path = out_dir / name
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format=path.suffix[1:])
     plt.close(fig)
     print(f"wrote {shown(path)}")
     return path
@@ -186,7 +187,8 @@ def fig_attention_mask(out_dir: Path) -> Path:
 # ----------------------------------------------------------------------------- LR schedule
 
 def fig_lr_schedule(out_dir: Path) -> Path:
-    from trainer.trainer_utils import COMMON_DEFAULTS, lr_at
+    from trainer.train_loop import lr_at
+    from trainer.trainer_utils import COMMON_DEFAULTS
 
     total = 400
     fig, ax = plt.subplots(figsize=(8, 3.8))
@@ -199,7 +201,7 @@ def fig_lr_schedule(out_dir: Path) -> Path:
     ax.axhline(2e-3 * COMMON_DEFAULTS["min_lr_ratio"], color=GREY, ls=":", lw=1)
     ax.set_xlabel("optimizer step (total 400)")
     ax.set_ylabel("learning rate")
-    ax.set_title("trainer_utils.lr_at: linear warmup, then cosine to lr * min_lr_ratio (--learning_rate 2e-3)",
+    ax.set_title("train_loop.lr_at: linear warmup, then cosine to lr * min_lr_ratio (--learning_rate 2e-3)",
                  fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -21,8 +21,8 @@ import argparse
 
 import torch
 
-from model.common import TinyMindError, repo_path, run_main
-from model.model import get_config, load_model, save_model
+from model.common import TinyMindError, find_checkpoint, repo_path, run_main
+from model.model import load_model, save_model
 from model.model_lora import base_state_dict, combine_adapters, load_lora, merge_lora, set_active_adapters
 
 
@@ -37,24 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out_weight", default="",
                    help="name of the merged checkpoint (default {weight}_{lora names joined by _})")
     p.add_argument("--save_dir", default="out", help="folder with the input files and for the output")
-    p.add_argument("--hidden_size", type=int, default=get_config("tiny").hidden_size,
-                   help="hidden size in the file names (default: the tiny preset's)")
+    p.add_argument("--hidden_size", type=int, default=None,
+                   help="picks the file {weight}_{hidden}.pth (default: the only {weight}_*.pth in --save_dir)")
     p.add_argument("--force", action="store_true",
                    help="merge a LoRA even if it was trained on another base checkpoint (same shapes required)")
     return p
 
 
-def find_file(save_dir: Path, name: str, hidden: int, what: str) -> Path:
-    path = save_dir / f"{name}_{hidden}.pth"
-    if not path.is_file():
-        have = sorted(p.name for p in save_dir.glob("*.pth")) if save_dir.is_dir() else []
-        raise TinyMindError(f"{what} not found: {path} (*.pth in {save_dir}: {', '.join(have) or 'none'})")
-    return path
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    save_dir, hidden = repo_path(args.save_dir), args.hidden_size
+    save_dir = repo_path(args.save_dir)
     names = [n.strip() for n in args.lora_weight.split(",") if n.strip()]
     if not names:
         raise TinyMindError("--lora_weight: give at least one LoRA name")
@@ -68,9 +60,10 @@ def main(argv=None):
     if out_weight == args.weight:
         raise TinyMindError("--out_weight must differ from --weight (the base checkpoint is never overwritten)")
 
-    base_path = find_file(save_dir, args.weight, hidden, "base checkpoint")
-    lora_paths = [find_file(save_dir, n, hidden, "LoRA file") for n in names]
+    base_path = find_checkpoint(save_dir, args.weight, args.hidden_size, what="base checkpoint")
     model, ckpt = load_model(base_path)
+    hidden = model.config.hidden_size
+    lora_paths = [find_checkpoint(save_dir, n, hidden, what="LoRA file") for n in names]
     for name, path in zip(names, lora_paths):
         load_lora(model, path, adapter_name=name, force=args.force)
     if scales != [1.0] * len(names):   # a weighted sum: one exact combined adapter (ranks concatenated)

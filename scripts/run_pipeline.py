@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from model.common import ROOT, TinyMindError, repo_path, run_main
+from model.common import ROOT, TinyMindError, atomic_write_text, repo_path, run_main
 
 # Per-preset training recipe. Every entry is a plain command line for the stage's script.
 STAGES = {
@@ -89,13 +89,14 @@ def preset_hidden(preset: str) -> int:
 def run_stage(cmd: list[str], log_path: Path) -> float:
     """Run one stage, echo its output and keep a log; a failed stage stops the pipeline."""
     t0 = time.time()
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen([sys.executable, "-u"] + cmd, cwd=ROOT, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
-        for line in proc.stdout:
-            print("    " + line, end="", flush=True)
-            log.write(line)
-        code = proc.wait()
+    lines = []
+    proc = subprocess.Popen([sys.executable, "-u"] + cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
+    for line in proc.stdout:
+        print("    " + line, end="", flush=True)
+        lines.append(line)
+    code = proc.wait()
+    atomic_write_text(log_path, "".join(lines))  # the console showed it live; the file is whole or absent
     if code != 0:
         raise TinyMindError(f"stage `python {' '.join(cmd)}` failed with exit status {code}; log: {log_path}")
     return time.time() - t0
@@ -163,8 +164,8 @@ def main(argv=None):
         report["eval"] = json.loads(eval_json.read_text(encoding="utf-8"))["summary"]
         lines += [(args.save_dir / "eval_report.md").read_text(encoding="utf-8"), ""]
     lines.append(f"{report['machine']}; `{report['command']}`; {report['date']}")
-    (args.save_dir / "pipeline_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False), encoding="utf-8")
-    (args.save_dir / "pipeline_report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(args.save_dir / "pipeline_report.json", json.dumps(report, indent=1, ensure_ascii=False))
+    atomic_write_text(args.save_dir / "pipeline_report.md", "\n".join(lines) + "\n")
     print("\n".join(lines[2:]))
     print(f"[pipeline] finished in {total:.1f}s; report: {args.save_dir / 'pipeline_report.md'}")
     return report

@@ -72,3 +72,82 @@ def test_run_main_turns_user_errors_into_exit_2(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: data.jsonl line 3: bad JSON"
+
+
+# ---------------------------------------------------------------------------------------------------
+# one rule, one place
+
+
+def test_atomic_write_replaces_only_on_success(tmp_path):
+    from model.common import atomic_write, atomic_write_text
+
+    path = atomic_write_text(tmp_path / "sub" / "report.md", "good\n")
+    with pytest.raises(RuntimeError):
+        with atomic_write(path) as tmp:
+            tmp.write_text("half", encoding="utf-8")
+            raise RuntimeError("crash mid-write")
+    assert path.read_text(encoding="utf-8") == "good\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["report.md"]
+
+
+def _code_files():
+    for folder in ("model", "trainer", "scripts", "dataset"):
+        yield from sorted((ROOT / folder).rglob("*.py"))
+    yield ROOT / "eval_llm.py"
+
+
+def test_every_file_is_written_through_the_one_helper():
+    """No module but model/common.py renames, torch.saves or writes a file itself; a temporary scratch
+    file that never outlives its TemporaryDirectory is the only exception (the benchmark's corpus slice)."""
+    import re
+
+    allowed = {("scripts/bench.py", "sliced.write_text("),  # a scratch file inside a TemporaryDirectory
+               ("scripts/bench.py", '"/proc/self/clear_refs"')}  # a kernel control file, not a file of ours
+    patterns = re.compile(r"os\.replace\(|\.replace\(path\)|torch\.save\(|\w+\.write_text\(|\.write_bytes\(|"
+                          r"open\((?!tmp\b)[^)]*['\"][wa]b?['\"]|\.savefig\((?!tmp)")
+    problems = []
+    for path in _code_files():
+        rel = path.relative_to(ROOT).as_posix()
+        if rel == "model/common.py":
+            continue
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            code = line.split("#", 1)[0]
+            for m in patterns.finditer(code):
+                if not any(rel == f and snippet in code for f, snippet in allowed):
+                    problems.append(f"{rel}:{n}: {line.strip()}")
+    assert not problems, "files written outside model.common.atomic_write:\n  " + "\n  ".join(problems)
+
+
+def test_one_device_rule_and_one_checkpoint_rule_everywhere():
+    """Every entry point picks its device with setup_device and finds checkpoints with find_checkpoint."""
+    import re
+
+    # a device check, or a search for a named checkpoint ({name}_*.pth, re.compile(name + ...pth))
+    own_rules = re.compile(r"torch\.cuda\.is_available\(\)|backends\.mps\.is_available\(\)|"
+                           r"glob\(f[\"'][^\"']*\{[^\"']*\.pth|re\.escape\([^)]*\)\s*\+[^\n]*pth")
+    problems = []
+    for path in _code_files():
+        rel = path.relative_to(ROOT).as_posix()
+        if rel == "model/common.py":
+            continue
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if own_rules.search(line.split("#", 1)[0]):
+                problems.append(f"{rel}:{n}: {line.strip()}")
+    assert not problems, "a device or checkpoint rule outside model/common.py:\n  " + "\n  ".join(problems)
+
+
+@pytest.mark.parametrize("device", ["foo", "cuda"])
+@pytest.mark.parametrize("script", ["eval_llm", "scripts.evaluate", "scripts.bench", "trainer.train_pretrain",
+                                    "trainer.train_sft", "trainer.train_lora"])
+def test_bad_device_is_a_one_line_error_in_every_script(script, device, tmp_path, capsys):
+    import importlib
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    main = importlib.import_module(script).main
+    with pytest.raises(SystemExit) as e:
+        run_main(main, ["--device", device, "--save_dir", str(tmp_path)] if script != "scripts.bench"
+                 else ["--device", device, "--quick", "--out", str(tmp_path / "b.json")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --device"), err

@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from conftest import build_model
 import torch.nn as nn
 
 from model.common import TinyMindError, atomic_save, safe_load
@@ -19,18 +20,7 @@ CFG = dict(rank=4, alpha=12.0)   # scaling 3: alpha != r on purpose
 ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Matrices this small gain nothing from threads, and on a busy 2-core box a second thread costs 10x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def make_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return TinyMindForCausalLM(get_config("smoke", **overrides)).eval()
+make_model = build_model  # a seeded smoke-sized model (tests/conftest.py)
 
 
 def randomize_B(model, name="default", seed=1, std=0.05):

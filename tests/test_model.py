@@ -6,6 +6,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import build_model
 import torch.nn.functional as F
 
 from model.common import TinyMindError
@@ -13,18 +14,7 @@ from model.model import (KVCache, PRESETS, TinyMindConfig, TinyMindForCausalLM, 
                          save_model, state_fingerprint, unwrap_model)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: one thread is as fast, and immune to a busy second core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def make_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return TinyMindForCausalLM(get_config("smoke", **overrides)).eval()
+make_model = build_model  # a seeded smoke-sized model (tests/conftest.py)
 
 
 def rand_ids(B, T, seed=1, vocab=6400):

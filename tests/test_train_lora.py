@@ -10,16 +10,8 @@ from model.common import safe_load
 from model.model import TinyMindForCausalLM, get_config, load_model, save_model
 from model.model_lora import base_state_dict, load_lora
 from model.tokenizer import load_tokenizer
-from test_trainer import assert_bitwise_equal, expect_user_error, make_workspace, quiet, snapshot
-from trainer import train_lora, trainer_utils
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from conftest import assert_bitwise_equal, expect_user_error, make_workspace, quiet, snapshot
+from trainer import train_lora, train_loop, trainer_utils
 
 
 @pytest.fixture(scope="module")
@@ -92,17 +84,17 @@ def test_lora_resume_exact_and_refuses_other_rank(ws, tmp_path, monkeypatch, cap
     straight, cut = with_base(ws, tmp_path, "straight"), with_base(ws, tmp_path, "cut")
     quiet(train_lora.main, lora_argv(ws, straight, *argv))
 
-    real = trainer_utils.lr_at
+    real = train_loop.lr_at
 
     def interrupt_at_17(step, *a):
         if step == 17:
             raise KeyboardInterrupt
         return real(step, *a)
 
-    monkeypatch.setattr(trainer_utils, "lr_at", interrupt_at_17)
+    monkeypatch.setattr(train_loop, "lr_at", interrupt_at_17)
     with pytest.raises(SystemExit):
         quiet(train_lora.main, lora_argv(ws, cut, *argv))
-    monkeypatch.setattr(trainer_utils, "lr_at", real)
+    monkeypatch.setattr(train_loop, "lr_at", real)
     before = snapshot(cut)
     expect_user_error(capsys, train_lora.main, lora_argv(ws, cut, *argv, "--from_resume", 1, "--lora_rank", 8),
                       "different run", "lora_rank")

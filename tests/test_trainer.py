@@ -1,10 +1,9 @@
-"""The shared training loop (trainer/trainer_utils.py) and the pretrain / SFT scripts.
+"""The shared training loop (trainer/train_loop.py, trainer/resume.py) and the pretrain / SFT scripts.
 
 Everything runs on the CPU with the ``smoke`` preset, a 320-token BPE tokenizer trained here and a tiny
 repetitive corpus written to tmp_path, so a run takes a second or two.
 """
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -17,37 +16,13 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from model.common import TinyMindError, run_main, safe_load
-from trainer import train_pretrain, train_sft, trainer_utils
-from trainer.trainer_utils import (build_optimizer, epoch_batches, get_rng_states, lr_at, sample_lengths,
-                                   set_rng_states, setup_device, split_indices)
-
-FACTS = ["the cat sat on the mat.", "tiny mind is a small model.", "the sky is blue and the grass is green.",
-         "one two three four five six seven.", "alpha beta gamma delta epsilon."]
-QA = [("who are you?", "I am TinyMind."), ("what color is the sky?", "The sky is blue."),
-      ("count to three", "one two three.")]
-
+from conftest import assert_bitwise_equal, expect_user_error, make_workspace, quiet, snapshot, weights
+from model.common import TinyMindError, safe_load, setup_device
+from trainer import train_loop, train_pretrain, train_sft, trainer_utils
+from trainer.resume import epoch_batches, get_rng_states, sample_lengths, set_rng_states, split_indices
+from trainer.train_loop import build_optimizer, lr_at
 
 # ------------------------------------------------------------------------------------------ helpers
-
-def make_workspace(root: Path) -> dict:
-    """Tiny pretrain + SFT jsonl files and a tokenizer trained on them, under ``root``."""
-    from model.tokenizer import TinyMindTokenizer
-    from trainer.train_tokenizer import train_bpe
-
-    root.mkdir(parents=True, exist_ok=True)
-    rnd = random.Random(0)
-    texts = [" ".join(rnd.choice(FACTS) for _ in range(3)) for _ in range(200)]
-    (root / "pre.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
-    convs = []
-    for _ in range(120):
-        q, a = rnd.choice(QA)
-        convs.append({"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
-    (root / "sft.jsonl").write_text("".join(json.dumps(c) + "\n" for c in convs), encoding="utf-8")
-    TinyMindTokenizer(train_bpe(texts + [q + " " + a for q, a in QA], vocab_size=320)).save(root / "tok.json")
-    return {"root": root, "pre": str(root / "pre.jsonl"), "sft": str(root / "sft.jsonl"),
-            "tok": str(root / "tok.json"), "cache": str(root / "cache")}
-
 
 def pretrain_argv(ws: dict, save_dir, *extra) -> list[str]:
     return ["--preset", "smoke", "--data_path", ws["pre"], "--tokenizer_path", ws["tok"], "--cache_dir", ws["cache"],
@@ -60,49 +35,6 @@ def sft_argv(ws: dict, save_dir, *extra) -> list[str]:
     return ["--data_path", ws["sft"], "--tokenizer_path", ws["tok"], "--save_dir", str(save_dir), "--device", "cpu",
             "--max_seq_len", "64", "--batch_size", "8", "--learning_rate", "2e-3", "--log_interval", "5",
             "--eval_interval", "0", *map(str, extra)]
-
-
-def quiet(fn, *args, **kw):
-    """Call fn with stdout captured; returns (result, captured text)."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        result = fn(*args, **kw)
-    return result, buf.getvalue()
-
-
-def snapshot(folder: Path) -> dict:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def weights(path: Path) -> dict:
-    return safe_load(path)["model"]
-
-
-def assert_bitwise_equal(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-
-
-def expect_user_error(capsys, main, argv, *needles):
-    """A user mistake: one line on stderr naming the problem, exit status 2."""
-    with pytest.raises(SystemExit) as e:
-        run_main(main, argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    for n in needles:
-        assert n in err[0], err[0]
-    return err[0]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -237,19 +169,19 @@ def test_resume_is_bitwise_exact(ws, tmp_path, monkeypatch):
     m1, _ = quiet(train_pretrain.main, pretrain_argv(ws, straight, *argv))
     assert m1["steps"] == 30
 
-    real = trainer_utils.lr_at
+    real = train_loop.lr_at
 
     def interrupt_at_20(step, *a):
         if step == 20:
             raise KeyboardInterrupt
         return real(step, *a)
 
-    monkeypatch.setattr(trainer_utils, "lr_at", interrupt_at_20)
+    monkeypatch.setattr(train_loop, "lr_at", interrupt_at_20)
     with pytest.raises(SystemExit) as e:
         quiet(train_pretrain.main, pretrain_argv(ws, cut, *argv))
     assert e.value.code == 130
     assert safe_load(cut / "pretrain_64_resume.pth")["step"] == 20
-    monkeypatch.setattr(trainer_utils, "lr_at", real)
+    monkeypatch.setattr(train_loop, "lr_at", real)
 
     m2, log = quiet(train_pretrain.main, pretrain_argv(ws, cut, *argv, "--from_resume", 1))
     assert "resumed from" in log and "at step 20/30" in log and m2["steps"] == 30
@@ -336,9 +268,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, argv: list, report_dir: s
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     writes = []
-    real_atomic, real_csv, real_save = trainer_utils.atomic_save, trainer_utils.write_csv_rows, train_pretrain.save_model
-    trainer_utils.atomic_save = lambda obj, path: (writes.append(str(path)), real_atomic(obj, path))[1]
-    trainer_utils.write_csv_rows = lambda path, *a, **k: (writes.append(str(path)), real_csv(path, *a, **k))[1]
+    real_atomic, real_csv, real_save = train_loop.atomic_save, train_loop.write_csv_rows, train_pretrain.save_model
+    train_loop.atomic_save = lambda obj, path: (writes.append(str(path)), real_atomic(obj, path))[1]
+    train_loop.write_csv_rows = lambda path, *a, **k: (writes.append(str(path)), real_csv(path, *a, **k))[1]
     train_pretrain.save_model = lambda m, path, **k: (writes.append(str(path)), real_save(m, path, **k))[1]
     with contextlib.redirect_stdout(io.StringIO()) as buf:
         metrics = train_pretrain.main(argv)

@@ -2,7 +2,7 @@
 
 Loads ``out/{from_weight}_{hidden}.pth``, wraps the target linear layers with ``LoRALinear``
 (model/model_lora.py: y = W x + scaling * B (A x), only A and B train), and runs the same loop as
-pretraining and SFT (trainer/trainer_utils.py) on chat data with the assistant-only loss. Writes:
+pretraining and SFT (trainer/train_loop.py) on chat data with the assistant-only loss. Writes:
     out/{lora_name}_{hidden}.pth          only the adapter (A/B tensors, LoRA config, base config and
                                           fingerprint), e.g. out/lora_identity_192.pth
     out/{lora_name}_{hidden}_resume.pth   adapter + optimizer + step + RNG for --from_resume 1
@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import argparse
 
 from dataset.lm_dataset import SFTDataset, collate_batch
-from model.common import run_main
+from model.common import cleanup_distributed, run_main, setup_device
 from model.model_lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, save_lora
 from model.tokenizer import load_tokenizer
-from trainer.trainer_utils import (RunFiles, TrainConfig, add_common_args, check_tokenizer_fits, cleanup_distributed,
-                                   finish_run, load_from_weight, require_file, run_key, seed_everything,
-                                   setup_device, split_dataset, train_loop)
+from trainer.resume import run_key, seed_everything, split_dataset
+from trainer.train_loop import finish_run, train_loop
+from trainer.trainer_utils import RunFiles, TrainConfig, add_common_args, check_tokenizer_fits, load_from_weight, require_file
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,7 +2,7 @@
 
 Reads ``{"text": ...}`` lines, packs them into full ``max_seq_len`` windows (dataset/lm_dataset.py),
 builds a model from ``--preset`` (plus --hidden_size / --num_hidden_layers overrides) and trains every
-token with the shared loop in trainer/trainer_utils.py. Writes:
+token with the shared loop in trainer/train_loop.py. Writes:
     out/{weight}_{hidden}.pth          the weights + config (stage "pretrain"), e.g. out/pretrain_192.pth
     out/{weight}_{hidden}_resume.pth   optimizer, step, RNG and data position for --from_resume 1
     out/{weight}_{hidden}_log.csv      one row per log interval / validation pass
@@ -27,12 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import argparse
 
 from dataset.lm_dataset import PretrainDataset, collate_batch
-from model.common import run_main
+from model.common import cleanup_distributed, run_main, setup_device
 from model.model import TinyMindForCausalLM, get_config, save_model
 from model.tokenizer import load_tokenizer
-from trainer.trainer_utils import (RunFiles, TrainConfig, add_common_args, check_tokenizer_fits, cleanup_distributed,
-                                   count_parameters, finish_run, require_file, run_key, seed_everything,
-                                   setup_device, split_dataset, train_loop)
+from trainer.resume import run_key, seed_everything, split_dataset
+from trainer.train_loop import count_parameters, finish_run, train_loop
+from trainer.trainer_utils import RunFiles, TrainConfig, add_common_args, check_tokenizer_fits, require_file
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@
 Starts from ``out/{from_weight}_{hidden}.pth`` (the model is rebuilt from the config stored in that
 file), reads ``{"conversations": [...]}`` lines and trains on the assistant's tokens only (every other
 label is -100, dataset/lm_dataset.py). The loop is the same one pretraining uses
-(trainer/trainer_utils.py). Writes:
+(trainer/train_loop.py). Writes:
     out/{weight}_{hidden}.pth          the weights + config (stage "sft"), e.g. out/full_sft_192.pth
     out/{weight}_{hidden}_resume.pth   optimizer, step, RNG and data position for --from_resume 1
     out/{weight}_{hidden}_log.csv      one row per log interval / validation pass
@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import argparse
 
 from dataset.lm_dataset import SFTDataset, collate_batch
-from model.common import run_main
+from model.common import cleanup_distributed, run_main, setup_device
 from model.model import save_model
 from model.tokenizer import load_tokenizer
-from trainer.trainer_utils import (RunFiles, TrainConfig, add_common_args, check_tokenizer_fits, cleanup_distributed,
-                                   count_parameters, finish_run, load_from_weight, require_file, run_key,
-                                   seed_everything, setup_device, split_dataset, train_loop)
+from trainer.resume import run_key, seed_everything, split_dataset
+from trainer.train_loop import count_parameters, finish_run, train_loop
+from trainer.trainer_utils import RunFiles, TrainConfig, add_common_args, check_tokenizer_fits, load_from_weight, require_file
 
 
 def build_parser() -> argparse.ArgumentParser:
