@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import tempfile
 import time
@@ -47,7 +46,9 @@ import torch
 
 from model.common import TinyMindError, atomic_write_text, repo_path, run_main, setup_device
 from model.model import TinyMindForCausalLM, get_config
-from model.model_lora import apply_lora, merge_lora
+from model.model_lora import merge_lora
+from scripts.bench_utils import (add_lora, build_model, current_memory_mb, greedy, make_train_step, med,
+                                 peak_memory_mb, random_batch, reset_peak_memory, sync, time_interleaved)
 from trainer.train_loop import build_optimizer
 
 MEASUREMENTS = ("lora_step", "lora_memory", "merged_forward", "unmerged_forward",
@@ -63,136 +64,6 @@ TARGETS = {
     "decode": (">=", 100.0),
     "packing": (">=", 1.5),
 }
-
-
-# ----------------------------------------------------------------------------------------------------
-# small helpers: timing, models, batches
-
-def sync(device):
-    """CUDA kernels run asynchronously: wait for them before reading the clock."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_interleaved(fns, repeats, device, warmup=1, clock=time.perf_counter):
-    """Time each callable in ``fns`` (name -> fn) ``repeats`` times, interleaved, after ``warmup`` untimed calls.
-
-    Interleaving (and flipping the order every round) spreads the noise of a shared machine over every
-    variant instead of punishing whichever ran while a neighbour was busy. Returns name -> list of seconds.
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for i in range(repeats):
-        order = list(fns.items())
-        if i % 2:
-            order.reverse()
-        for name, fn in order:
-            sync(device)
-            t0 = clock()
-            fn()
-            sync(device)
-            times[name].append(clock() - t0)
-    return times
-
-
-def med(xs):
-    return statistics.median(xs)
-
-
-def build_model(preset, device, seed=0):
-    torch.manual_seed(seed)  # every variant starts from the same weights
-    return TinyMindForCausalLM(get_config(preset)).to(device)
-
-
-def random_batch(vocab_size, batch_size, seq_len, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab_size, (batch_size, seq_len), generator=g).to(device)  # (B, T), no special ids
-
-
-def add_lora(model, rank, targets, random_b=False):
-    """Wrap ``model`` in place; ``random_b`` makes the adapter non-zero so merging really changes W."""
-    info = apply_lora(model, rank=rank, targets=targets)
-    if random_b:
-        g = torch.Generator().manual_seed(1)
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return info
-
-
-def make_train_step(model, batch):
-    """One optimizer step on ``batch``: forward, backward, the trainers' AdamW over the parameters that train.
-
-    For LoRA only the adapters require grad, which is where its savings come from: no weight gradients
-    (dW = dy^T x) and no AdamW moments for the frozen base weights.
-    """
-    opt = build_optimizer(model, lr=1e-4, weight_decay=0.1)
-    model.train()
-
-    def step():
-        loss = model(batch, labels=batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
-
-
-def greedy(model, prompt, new_tokens, use_cache):
-    """Greedy decoding of exactly ``new_tokens`` tokens (EOS disabled so every run does the same work)."""
-    with torch.inference_mode():
-        out = model.generate(prompt, max_new_tokens=new_tokens, temperature=0.0, top_k=None, top_p=None,
-                             eos_token_id=None, use_cache=use_cache)
-    if out.shape[1] != prompt.shape[1] + new_tokens:
-        raise RuntimeError(f"generate returned {out.shape[1] - prompt.shape[1]} new tokens, expected {new_tokens}")
-    return out
-
-
-def reset_peak_memory(device):
-    """Start the peak at the current usage (CUDA stats; Linux: writing 5 to clear_refs resets VmHWM)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # not Linux: the peak below then also covers the interpreter's start-up
-
-
-def peak_memory_mb(device):
-    """Peak memory of this process: CUDA max allocated, or the peak resident set size on the CPU.
-
-    Linux's VmHWM, not getrusage's ru_maxrss: ru_maxrss survives fork + exec, so a child would start with
-    its parent's peak (here: the bench process holding several models) and both variants would read alike.
-    """
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB -> MB
-    except (OSError, StopIteration, ValueError):
-        pass
-    try:
-        import resource
-    except ImportError:
-        raise TinyMindError("lora_memory on CPU needs Linux's /proc or the POSIX 'resource' module: "
-                            "leave it out with --only") from None
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB elsewhere
-
-
-def current_memory_mb(device):
-    """Memory in use right now (CUDA allocated, CPU resident set); the peak where Linux's /proc is missing."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return peak_memory_mb(device)
 
 
 # ----------------------------------------------------------------------------------------------------
