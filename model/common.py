@@ -121,7 +121,7 @@ def find_checkpoint(save_dir, name: str, hidden_size: int | None = None, what: s
     if missing_ok:
         return None
     have = sorted(p.stem for p in save_dir.glob("*.pth") if not p.stem.endswith("_resume")) if save_dir.is_dir() else []
-    raise TinyMindError(f"{what} {path} not found; files in {save_dir}: {', '.join(have) or 'none'}")
+    raise TinyMindError(f"{what} {path} not found; weights in {save_dir}: {', '.join(have) or 'none'}")
 
 
 # ----------------------------------------------------------------------------------------------
