@@ -3,7 +3,7 @@
 What this file implements, top to bottom:
 - ``TinyMindConfig``: the architecture as a dataclass (every field has a documented default);
   ``PRESETS`` / ``get_config``: ``smoke`` (tests), ``tiny`` (CPU demo), ``small`` (= MiniMind2-Small,
-  25.83M parameters), ``base`` (= MiniMind2, 104.03M).
+  25.83M parameters), ``base`` (= MiniMind2, 104.03M), ``minimind3`` (minimind-3's shape, with q/k norms).
 - ``RMSNorm`` (computed in fp32), rotary position embeddings (RoPE, Llama's rotate-half convention,
   cos/sin tables precomputed once), ``Attention`` with grouped-query attention (GQA) through
   ``F.scaled_dot_product_attention`` or an equivalent hand-written path, the SwiGLU ``MLP``, the
@@ -48,6 +48,7 @@ class TinyMindConfig:
     dropout: float = 0.0                    # dropout on attention probs and residual branches (training only)
     tie_word_embeddings: bool = True        # lm_head shares the embedding matrix (saves V*C parameters)
     flash_attn: bool = True                 # True: F.scaled_dot_product_attention; False: the manual path
+    qk_norm: bool = False                   # RMSNorm over each head's q and k before RoPE (minimind-3, Qwen3)
 
     def __post_init__(self):
         if self.intermediate_size is None:
@@ -59,7 +60,10 @@ class TinyMindConfig:
             raise TinyMindError("head size (hidden_size // num_attention_heads) must be even for RoPE")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not d["qk_norm"]:   # written only when on: files of models without it stay exactly as they were
+            del d["qk_norm"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TinyMindConfig":
@@ -77,6 +81,9 @@ PRESETS: dict[str, dict] = {
                  max_position_embeddings=1024),        # ~3.6M, the CPU demo
     "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2),   # 25.83M
     "base": dict(hidden_size=768, num_hidden_layers=16, num_attention_heads=8, num_key_value_heads=2),  # 104.03M
+    # minimind-3: 8 query / 4 key-value heads of 96, MLP width ceil(768 * pi / 64) * 64 = 2432, q/k norms
+    "minimind3": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                      intermediate_size=64 * math.ceil(768 * math.pi / 64), rms_norm_eps=1e-6, qk_norm=True),
 }
 
 
@@ -152,6 +159,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
         self.dropout = cfg.dropout
         self.flash = cfg.flash_attn
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:   # one (hd,) weight each, shared by all heads: keeps q.k from growing with training
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, layer: int = 0, start_pos: int = 0):
         """mask: None (plain causal) or bool, broadcastable to (B, 1, T, S), True = may attend."""
@@ -159,6 +170,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)    # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)    # (B, nkv, T, hd)
+        if self.qk_norm:   # normalise each head's vector over its hd features, before RoPE rotates it
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, start_pos, k, v)                            # (B, nkv, S, hd)

@@ -3,7 +3,8 @@
 Implements:
 - ``SPECIAL_TOKENS``: ``<|endoftext|>`` = 0 (padding), ``<|im_start|>`` = 1, ``<|im_end|>`` = 2, then a few
   reserved specials. Ids 0/1/2 are the same as MiniMind's, so MiniMind-format data and checkpoints line up.
-- ``TinyMindTokenizer``: ``encode`` / ``encode_batch`` / ``decode`` and ``apply_chat_template`` (ChatML).
+- ``TinyMindTokenizer``: ``encode`` / ``encode_batch`` / ``decode`` and ``apply_chat_template`` (ChatML);
+  ``CHAT_TEMPLATE_JINJA``: the same template for transformers.
 - ``load_tokenizer(path=None)``: reads ``model/tokenizer.json`` (trained by ``trainer/train_tokenizer.py``).
 
 Byte-level BPE means every string round-trips exactly: text is first turned into UTF-8 bytes, each byte is
@@ -27,6 +28,14 @@ PAD_TOKEN, BOS_TOKEN, EOS_TOKEN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN] + [f"<|reserved_{i}|>" for i in range(5)]
 DEFAULT_TOKENIZER_PATH = "model/tokenizer.json"
 CHAT_ROLES = ("system", "user", "assistant")
+# The same ChatML rendering as ``TinyMindTokenizer.apply_chat_template``, written in Jinja for transformers'
+# ``tokenizer_config.json`` (``scripts/convert_model.py`` exports it; a test checks both give the same string).
+CHAT_TEMPLATE_JINJA = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 class TinyMindTokenizer:

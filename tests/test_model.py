@@ -10,8 +10,8 @@ from conftest import build_model
 import torch.nn.functional as F
 
 from model.common import TinyMindError
-from model.model import (KVCache, PRESETS, TinyMindConfig, TinyMindForCausalLM, get_config, load_model,
-                         save_model, state_fingerprint, unwrap_model)
+from model.model import (KVCache, PRESETS, TinyMindConfig, TinyMindForCausalLM, apply_rope, get_config,
+                         load_model, save_model, state_fingerprint, unwrap_model)
 
 
 make_model = build_model  # a seeded smoke-sized model (tests/conftest.py)
@@ -41,7 +41,7 @@ def test_config_dict_round_trip_and_errors():
         get_config("huge")
     with pytest.raises(TinyMindError):
         TinyMindConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=3)
-    assert set(PRESETS) == {"smoke", "tiny", "small", "base"}
+    assert set(PRESETS) == {"smoke", "tiny", "small", "base", "minimind3"}
 
 
 def test_parameter_names_are_llama_names():
@@ -255,6 +255,46 @@ def test_matches_transformers_llama():
     ids = rand_ids(2, 33)
     with torch.no_grad():
         assert torch.allclose(m(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------- q/k norms (minimind-3, Qwen3)
+def test_qk_norm_off_leaves_names_and_files_as_before():
+    m = make_model()
+    assert not any("q_norm" in n or "k_norm" in n for n in m.state_dict())
+    assert "qk_norm" not in m.config.to_dict()   # a checkpoint without q/k norms is written exactly as before
+    assert TinyMindConfig.from_dict(m.config.to_dict()).qk_norm is False
+    on = make_model(qk_norm=True)
+    assert on.config.to_dict()["qk_norm"] is True and TinyMindConfig.from_dict(on.config.to_dict()) == on.config
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_qk_norm_normalises_each_head_before_rope(flash):
+    m = make_model(qk_norm=True, flash_attn=flash)
+    attn = m.model.layers[0].self_attn
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+        attn.k_norm.weight.uniform_(0.5, 1.5)
+    B, T, nh, nkv, hd = 2, 7, 4, 2, 16
+    x = torch.randn(B, T, 64, generator=torch.Generator().manual_seed(3))
+    cos, sin = m.model.rope_cos[:T], m.model.rope_sin[:T]
+
+    def norm(t, w):   # RMS over each head's hd features, then the (hd,) weight
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + m.config.rms_norm_eps) * w
+
+    with torch.no_grad():
+        q = norm(attn.q_proj(x).view(B, T, nh, hd).transpose(1, 2), attn.q_norm.weight)
+        k = norm(attn.k_proj(x).view(B, T, nkv, hd).transpose(1, 2), attn.k_norm.weight)
+        v = attn.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = k.repeat_interleave(nh // nkv, 1), v.repeat_interleave(nh // nkv, 1)
+        att = (q @ k.transpose(-2, -1) / math.sqrt(hd)).masked_fill(~torch.ones(T, T).bool().tril(), float("-inf"))
+        want = attn.o_proj((att.softmax(-1) @ v).transpose(1, 2).reshape(B, T, 64))
+        assert torch.allclose(attn(x, cos, sin), want, atol=1e-5, rtol=0)
+        ids = rand_ids(2, 12)
+        cache = KVCache(2, 12)
+        stepped = torch.cat([m(ids[:, :9], kv_cache=cache).logits] +
+                            [m(ids[:, t:t + 1], kv_cache=cache, start_pos=t).logits for t in range(9, 12)], 1)
+        assert torch.allclose(stepped, m(ids).logits, atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- checkpoints
