@@ -1,0 +1,337 @@
+"""TinyMind models and LoRAs in the formats of transformers and PEFT (safetensors + JSON), both ways.
+
+No transformers or peft import here: the files are plain JSON and safetensors, written by hand.
+
+What this file implements:
+- ``read_safetensors`` / ``write_safetensors``: tensors from and to ``*.safetensors`` with one-line errors,
+  written atomically.
+- ``hf_config`` / ``config_from_hf``: TinyMind's config <-> ``config.json`` of ``LlamaForCausalLM``
+  (or ``Qwen3ForCausalLM`` for a model with q/k norms); whatever TinyMind cannot compute (biases, rope
+  scaling, another architecture, a head size that is not hidden / heads) is refused by name.
+- ``export_hf`` / ``read_hf``: a whole transformers folder: weights, config, generation config and the
+  tokenizer (``tokenizer.json`` + ``tokenizer_config.json`` with the ChatML ``chat_template``).
+- ``export_peft`` / ``read_peft``: a LoRA as a PEFT adapter folder (``adapter_config.json`` +
+  ``adapter_model.safetensors``). ``PEFT_VARIANTS`` maps the variant named in a TinyMind LoRA file to
+  PEFT's settings; a variant without an entry is refused by name.
+- ``check_weights``: a state dict has exactly the names and shapes the config implies.
+- ``compact_targets``: the shortest ``targets`` string (suffixes, else full names) selecting given layers.
+
+Parameter names are the same on both sides (Llama's), so a state dict maps one to one; the only
+difference is that transformers leaves ``lm_head.weight`` out of the file when it is tied to the embedding.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model.common import TinyMindError, atomic_write, safe_load
+from model.model import TinyMindConfig, TinyMindForCausalLM
+from model.model_lora import find_targets
+from model.tokenizer import BOS_TOKEN, CHAT_TEMPLATE_JINJA, EOS_TOKEN, PAD_TOKEN, load_tokenizer
+
+ARCHS = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}   # model_type -> class name
+PEFT_PREFIX = "base_model.model."                                    # PEFT's names: prefix + module + leaf
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- files
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise TinyMindError(f"{what} not found: {path}")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TinyMindError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise TinyMindError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
+
+
+def write_json(path: Path, d: dict):
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise TinyMindError(f"{what} not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:   # truncated file, bad header, not safetensors at all
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise TinyMindError(f"{path} is not a readable safetensors file ({first})") from None
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path):
+    # {"format": "pt"} is what transformers looks for in the header; each tensor owns its memory
+    data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_write(path) as tmp:
+        save_file(data, str(tmp), metadata={"format": "pt"})
+
+
+# ----------------------------------------------------------------------------- config.json
+
+def hf_config(cfg: TinyMindConfig, arch: str, dtype: str) -> dict:
+    """config.json for ``arch`` ("llama" or "qwen3"); rope is written the transformers 4 way (rope_theta,
+    rope_scaling) and the transformers 5 way (rope_parameters), so both read it."""
+    if arch == "llama" and cfg.qk_norm:
+        raise TinyMindError("this model has q/k norms (qk_norm), which LlamaForCausalLM lacks; "
+                            "export it with --arch qwen3 (or --arch auto)")
+    if arch == "qwen3" and not cfg.qk_norm:
+        raise TinyMindError("Qwen3ForCausalLM always normalises q and k, this model does not (qk_norm off); "
+                            "export it with --arch llama (or --arch auto)")
+    d = {
+        "architectures": [ARCHS[arch]], "model_type": arch,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.hidden_size // cfg.num_attention_heads, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "use_cache": True,
+        "initializer_range": 0.02, "torch_dtype": dtype, "dtype": dtype,
+    }
+    if arch == "llama":
+        d.update(mlp_bias=False, pretraining_tp=1)
+    else:
+        d.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_hidden_layers,
+                 layer_types=["full_attention"] * cfg.num_hidden_layers)
+    return d
+
+
+def config_from_hf(d: dict, where) -> TinyMindConfig:
+    """TinyMind's config for a config.json, or a TinyMindError naming what TinyMind cannot compute."""
+    arch = d.get("model_type")
+    names = d.get("architectures") or [ARCHS.get(arch, "")]
+    if arch not in ARCHS or names[0] != ARCHS[arch]:
+        raise TinyMindError(f"{where}: architecture {names[0] or arch!r} (model_type {arch!r}) is not supported; "
+                            f"TinyMind reads {' and '.join(ARCHS.values())}")
+    refuse = {"attention_bias": True, "mlp_bias": True, "use_sliding_window": True}
+    for key, bad in refuse.items():
+        if d.get(key) == bad:
+            raise TinyMindError(f"{where}: {key}={bad} is not supported (TinyMind's layers have no biases and "
+                                "attend to the whole context)")
+    if d.get("hidden_act", "silu") != "silu":
+        raise TinyMindError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (TinyMind uses silu)")
+    if d.get("pretraining_tp", 1) not in (1, None):
+        raise TinyMindError(f"{where}: pretraining_tp {d['pretraining_tp']} is not supported")
+    rope = d.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if d.get("rope_scaling") or rope_type != "default":
+        what = d.get("rope_scaling") or rope
+        raise TinyMindError(f"{where}: rope scaling {what} is not supported (TinyMind uses plain RoPE)")
+    try:
+        hidden, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
+        if d.get("head_dim") not in (None, hidden // heads):
+            raise TinyMindError(f"{where}: head_dim {d['head_dim']} != hidden_size / num_attention_heads "
+                                f"= {hidden // heads} (TinyMind derives the head size)")
+        return TinyMindConfig(
+            vocab_size=int(d["vocab_size"]), hidden_size=hidden, num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=heads, num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+            intermediate_size=int(d["intermediate_size"]),
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), qk_norm=arch == "qwen3")
+    except KeyError as e:
+        raise TinyMindError(f"{where}: config lacks {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+        raise TinyMindError(f"{where}: bad config value ({e})") from None
+
+
+# ----------------------------------------------------------------------------- weights
+
+def check_weights(state: dict, cfg: TinyMindConfig, where) -> None:
+    """Exactly the tensors a TinyMind model of ``cfg`` has, with its shapes; else one line naming them."""
+    with torch.device("meta"):   # names and shapes only
+        expected = {k: tuple(v.shape) for k, v in TinyMindForCausalLM(cfg).state_dict().items()}
+    for label, keys in (("missing", sorted(set(expected) - set(state))),
+                        ("unknown", sorted(set(state) - set(expected)))):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            raise TinyMindError(f"{where}: {len(keys)} {label} tensor(s): {', '.join(keys[:3])}{more}")
+    for k, shape in expected.items():
+        if not torch.is_tensor(state[k]) or tuple(state[k].shape) != shape:
+            got = tuple(state[k].shape) if torch.is_tensor(state[k]) else type(state[k]).__name__
+            raise TinyMindError(f"{where}: {k} has shape {got}, the config needs {shape}")
+
+
+def tie_lm_head(state: dict, cfg: TinyMindConfig, where) -> dict:
+    """Files of tied models may leave ``lm_head.weight`` out (transformers does): it is the embedding."""
+    emb = state.get("model.embed_tokens.weight")
+    if not cfg.tie_word_embeddings or emb is None:
+        return state
+    head = state.get("lm_head.weight")
+    if head is None:
+        return {**state, "lm_head.weight": emb}
+    if head.shape != emb.shape or not torch.equal(head, emb):
+        raise TinyMindError(f"{where}: tie_word_embeddings is set but lm_head.weight differs from "
+                            "model.embed_tokens.weight")
+    return state
+
+
+def to_float32(state: dict) -> dict:
+    """TinyMind keeps fp32 weights (training updates them); fp16/bf16 -> fp32 is exact."""
+    return {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------- transformers folders
+
+def tokenizer_config(max_len: int) -> dict:
+    specials = [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN]
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHAT_TEMPLATE_JINJA,
+        "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN, "unk_token": None,
+        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+        "model_max_length": max_len, "padding_side": "left", "extra_special_tokens": {},
+        "added_tokens_decoder": {str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                          "single_word": False, "special": True} for i, t in enumerate(specials)},
+    }
+
+
+def export_hf(state: dict, cfg: TinyMindConfig, out: Path, tokenizer_path: Path, arch: str,
+              dtype: str = "float32") -> list[Path]:
+    """Write a transformers folder; weights first, config last (a folder with a config is complete)."""
+    config = hf_config(cfg, arch, dtype)
+    tok = load_tokenizer(tokenizer_path)   # checks the special ids before anything is written
+    if len(tok) > cfg.vocab_size:
+        raise TinyMindError(f"{tokenizer_path} has {len(tok)} tokens, the model only {cfg.vocab_size}")
+    weights = {k: v.to(DTYPES[dtype]) for k, v in state.items()
+               if not (cfg.tie_word_embeddings and k == "lm_head.weight")}   # tied: stored once, as HF does
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(weights, out / "model.safetensors")
+    with atomic_write(out / "tokenizer.json") as tmp:
+        shutil.copyfile(tok.path, tmp)
+    write_json(out / "tokenizer_config.json", tokenizer_config(cfg.max_position_embeddings))
+    write_json(out / "special_tokens_map.json", {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN,
+                                                 "pad_token": PAD_TOKEN})
+    write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                                                "do_sample": True, "temperature": 0.7, "top_p": 0.9})
+    write_json(out / "config.json", config)
+    return sorted(out.iterdir())
+
+
+def read_hf(folder: Path) -> tuple[TinyMindConfig, dict]:
+    """(config, fp32 state dict with TinyMind's names) of a transformers folder."""
+    if not folder.is_dir():
+        raise TinyMindError(f"transformers folder not found: {folder}")
+    cfg = config_from_hf(read_json(folder / "config.json", "config.json"), folder / "config.json")
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file():
+        state = read_safetensors(folder / "model.safetensors", "weights")
+    elif index.is_file():   # sharded: {"weight_map": {name: file}}
+        shards = sorted(set(read_json(index, "index").get("weight_map", {}).values()))
+        state = {}
+        for shard in shards:
+            state.update(read_safetensors(folder / shard, "weight shard"))
+    elif (folder / "pytorch_model.bin").is_file():
+        state = safe_load(folder / "pytorch_model.bin", "weight file")
+    else:
+        have = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
+        raise TinyMindError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin "
+                            f"(it holds {have})")
+    state = tie_lm_head(state, cfg, folder)
+    check_weights(state, cfg, folder)
+    return cfg, to_float32(state)
+
+
+# ----------------------------------------------------------------------------- PEFT adapters
+
+def lora_variant(obj: dict) -> str:
+    """The variant a TinyMind LoRA file names (in its lora_config or at the top level); plain LoRA if none."""
+    return str(obj.get("lora_config", {}).get("variant") or obj.get("variant") or "lora")
+
+
+# variant -> adapter_config.json settings beyond rank/alpha/targets; the adapter tensors of these are A and B.
+# A variant PEFT has (DoRA, VeRA, ...) gets an entry here once TinyMind's file for it is mapped.
+PEFT_VARIANTS: dict[str, dict] = {
+    "lora": {},
+    "rslora": {"use_rslora": True},
+}
+
+
+def peft_variant(obj: dict, where) -> dict:
+    """The PEFT settings for the file's variant, or a TinyMindError naming the variant."""
+    variant = lora_variant(obj)
+    if variant not in PEFT_VARIANTS:
+        raise TinyMindError(f"{where}: LoRA variant {variant!r} has no PEFT export yet (known: "
+                            f"{', '.join(PEFT_VARIANTS)}); export the merged model instead: --to hf --lora_weight")
+    return PEFT_VARIANTS[variant]
+
+
+def compact_targets(model, names: list[str]) -> list[str]:
+    """Suffixes (``q_proj``, ...) when they select exactly ``names`` on ``model``, else the full names."""
+    suffixes = list(dict.fromkeys(n.rpartition(".")[2] for n in names))
+    if sorted(find_targets(model, ",".join(suffixes))) == sorted(names):
+        return suffixes
+    return list(names)
+
+
+def export_peft(obj: dict, model, out: Path, base_model: str) -> list[Path]:
+    """Write a PEFT adapter folder from a TinyMind LoRA file ``obj`` already checked against ``model``."""
+    settings = peft_variant(obj, "LoRA file")
+    lc, adapter = obj["lora_config"], obj["adapter"]
+    names = list(dict.fromkeys(k.rpartition(".")[0] for k in adapter))   # module names, model order
+    bad = [k for k in adapter if k.rpartition(".")[2] not in ("lora_A", "lora_B")]
+    if bad:
+        raise TinyMindError(f"LoRA tensors {bad[:3]} have no PEFT name for variant {lora_variant(obj)!r}")
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": int(lc["rank"]), "lora_alpha": float(lc["alpha"]), "lora_dropout": float(lc.get("dropout", 0.0)),
+        "target_modules": compact_targets(model, names), "use_rslora": bool(lc.get("use_rslora", False)),
+        "init_lora_weights": "gaussian" if lc.get("init") == "gaussian" else True,
+        "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "use_dora": False,
+        "inference_mode": True, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
+        "layers_pattern": None, "revision": None,
+        **settings,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors({f"{PEFT_PREFIX}{k}.weight": v for k, v in adapter.items()}, out / "adapter_model.safetensors")
+    write_json(out / "adapter_config.json", config)
+    return sorted(out.iterdir())
+
+
+def read_peft(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(LoRAConfig fields, {"<module>.lora_A"/"lora_B": tensor}) of a PEFT LoRA adapter folder.
+    Only what TinyMind's LoRA computes is accepted; anything else is refused by its PEFT name."""
+    if not folder.is_dir():
+        raise TinyMindError(f"PEFT adapter folder not found: {folder}")
+    where = folder / "adapter_config.json"
+    c = read_json(where, "adapter_config.json")
+    if c.get("peft_type") != "LORA":
+        raise TinyMindError(f"{where}: peft_type {c.get('peft_type')!r} is not supported (TinyMind reads LORA)")
+    for key, ok in (("use_dora", not c.get("use_dora")), ("bias", c.get("bias", "none") == "none"),
+                    ("modules_to_save", not c.get("modules_to_save")), ("rank_pattern", not c.get("rank_pattern")),
+                    ("alpha_pattern", not c.get("alpha_pattern")), ("fan_in_fan_out", not c.get("fan_in_fan_out")),
+                    ("layers_to_transform", c.get("layers_to_transform") is None),
+                    ("lora_bias", not c.get("lora_bias")), ("use_qalora", not c.get("use_qalora")),
+                    ("init_lora_weights", c.get("init_lora_weights", True) in (True, False, "gaussian"))):
+        if not ok:
+            raise TinyMindError(f"{where}: {key}={c.get(key)!r} is not supported by TinyMind's LoRA")
+    weights = folder / "adapter_model.safetensors"
+    state = read_safetensors(weights, "adapter weights") if weights.is_file() else \
+        safe_load(folder / "adapter_model.bin", "adapter weights")
+    adapter = {}
+    for key, t in state.items():
+        body = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else None
+        if body is None or not body.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise TinyMindError(f"{weights.name}: unknown adapter tensor {key!r} (TinyMind reads "
+                                f"{PEFT_PREFIX}<module>.lora_A.weight / .lora_B.weight)")
+        adapter[body[:-len(".weight")]] = t.float()
+    if not adapter:
+        raise TinyMindError(f"{weights.name}: no LoRA tensors")
+    try:
+        fields = dict(rank=int(c["r"]), alpha=float(c["lora_alpha"]), dropout=float(c.get("lora_dropout", 0.0)),
+                      use_rslora=bool(c.get("use_rslora", False)),
+                      init="gaussian" if c.get("init_lora_weights") == "gaussian" else "kaiming")
+    except (KeyError, TypeError, ValueError) as e:
+        raise TinyMindError(f"{where}: missing or bad r / lora_alpha ({e})") from None
+    return fields, adapter

@@ -1,0 +1,327 @@
+"""scripts/convert_model.py: every direction round-trips exactly, the exported folders give TinyMind's logits,
+prompt and text in transformers / PEFT, MiniMind files import, and every bad input is one line + exit 2.
+
+Models are the `smoke` preset with random norms (a dropped or misplaced norm changes the logits); the
+MiniMind files are built here from TinyMind models with MiniMind's key names. Tests that load the folders
+in transformers or peft skip where those are not installed.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.common import run_main
+from model.model import TinyMindForCausalLM, get_config, load_model, save_model
+from model.model_lora import LoRAConfig, apply_lora, load_lora, save_lora
+from model.tokenizer import CHAT_TEMPLATE_JINJA, load_tokenizer
+from scripts.convert_model import main
+
+ROOT = Path(__file__).resolve().parents[1]
+IDS = torch.randint(3, 6400, (2, 13), generator=torch.Generator().manual_seed(0))
+MESSAGES = [{"role": "system", "content": "你是 TinyMind"}, {"role": "user", "content": "你好!\nhi"},
+            {"role": "assistant", "content": "你好"}, {"role": "user", "content": "感冒怎么办？"}]
+
+
+def make_model(qk_norm=False, seed=0, **overrides) -> TinyMindForCausalLM:
+    torch.manual_seed(seed)
+    model = TinyMindForCausalLM(get_config("smoke", qk_norm=qk_norm, **overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def save_base(out: Path, qk_norm=False, name="full_sft") -> TinyMindForCausalLM:
+    model = make_model(qk_norm)
+    save_model(model, out / f"{name}_64.pth", stage="sft")
+    return model
+
+
+def save_adapter(model, out: Path, name="lora_identity", **cfg) -> TinyMindForCausalLM:
+    """A LoRA with alpha != r and non-zero B (a zero B would hide a wrong mapping)."""
+    apply_lora(model, LoRAConfig(**{"rank": 4, "alpha": 6.0, **cfg}), adapter_name=name)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.05)
+    save_lora(model, out / f"{name}_64.pth", adapter_name=name)
+    return model
+
+
+def convert(out: Path, *argv):
+    return main([*map(str, argv), "--save_dir", str(out)])
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def refused(capsys, argv, match):
+    """The command exits with status 2 and one line 'error: ...' containing ``match``."""
+    with pytest.raises(SystemExit) as e:
+        run_main(main, [str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1 and match in err, err
+
+
+@pytest.fixture
+def out(tmp_path):
+    return tmp_path / "out"
+
+
+# ----------------------------------------------------------------------------- TinyMind <-> transformers
+
+def test_hf_round_trip_is_bit_exact(out, tmp_path):
+    save_base(out)
+    hf = tmp_path / "hf"
+    convert(out, "--weight", "full_sft", "--to", "hf", "--out", hf)
+    names = {p.name for p in hf.iterdir()}
+    assert names == {"config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json",
+                     "tokenizer.json", "tokenizer_config.json"}
+    config = json.loads((hf / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in load_file(hf / "model.safetensors")   # tied: stored once, as transformers does
+    assert json.loads((hf / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE_JINJA
+    convert(out, "--from", "hf", "--in", hf, "--weight", "from_hf")
+    a, b = torch.load(out / "full_sft_64.pth"), torch.load(out / "from_hf_64.pth")
+    assert a["config"] == b["config"] and b["stage"] == "sft" and set(a["model"]) == set(b["model"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_transformers_gives_tinymind_logits_prompt_and_text(out, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = save_base(out)
+    convert(out, "--weight", "full_sft", "--to", "hf", "--out", tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert torch.allclose(logits(hf), logits(model), atol=1e-4)
+    tok, mine = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf"), load_tokenizer()
+    for msgs, gen in ((MESSAGES, True), (MESSAGES[:3], False)):
+        prompt = tok.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
+        assert prompt == mine.apply_chat_template(msgs, add_generation_prompt=gen)
+        assert tok(prompt)["input_ids"] == mine.encode(prompt)
+    ids = torch.tensor([mine.encode(mine.apply_chat_template(MESSAGES, add_generation_prompt=True))])
+    theirs = hf.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1]:]
+    ours = model.generate(ids, max_new_tokens=12, temperature=0)[0, ids.shape[1]:]
+    assert theirs.tolist() == ours.tolist()
+    assert tok.decode(theirs, skip_special_tokens=True) == mine.decode(ours)
+
+
+def test_qk_norm_model_exports_as_qwen3_and_back(out, tmp_path, capsys):
+    model = save_base(out, qk_norm=True)
+    refused(capsys, ["--weight", "full_sft", "--to", "hf", "--arch", "llama", "--out", tmp_path / "x",
+                     "--save_dir", out], "qk_norm")
+    convert(out, "--weight", "full_sft", "--to", "hf", "--out", tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+    convert(out, "--from", "hf", "--in", tmp_path / "hf", "--weight", "back")
+    back, _ = load_model(out / "back_64.pth")
+    assert back.config.qk_norm and torch.equal(logits(back), logits(model))
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert type(hf).__name__ == "Qwen3ForCausalLM"
+    assert torch.allclose(logits(hf), logits(model), atol=1e-4)
+
+
+def test_merged_lora_export(out, tmp_path):
+    model = save_adapter(save_base(out), out)
+    convert(out, "--weight", "full_sft", "--lora_weight", "lora_identity", "--to", "hf", "--out", tmp_path / "hf")
+    convert(out, "--from", "hf", "--in", tmp_path / "hf", "--weight", "merged")
+    merged, _ = load_model(out / "merged_64.pth")
+    assert torch.allclose(logits(merged), logits(model), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- LoRA <-> PEFT
+
+@pytest.mark.parametrize("cfg", [dict(use_rslora=True),                      # all seven layer kinds
+                                 dict(targets="q_proj,v_proj,up_proj"),       # a subset, by suffix
+                                 dict(targets=r"re:model\.layers\.0\..*")])   # layer 0 only: full names
+def test_lora_peft_round_trip_is_exact(out, tmp_path, cfg):
+    save_adapter(save_base(out), out, **cfg)
+    convert(out, "--weight", "full_sft", "--lora_weight", "lora_identity", "--to", "peft", "--out", tmp_path / "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 6.0 and config["use_rslora"] == cfg.get("use_rslora", False)
+    convert(out, "--from", "peft", "--in", tmp_path / "peft", "--weight", "full_sft", "--lora_name", "back")
+    a, b = torch.load(out / "lora_identity_64.pth"), torch.load(out / "back_64.pth")
+    a_cfg, b_cfg = dict(a["lora_config"]), dict(b["lora_config"])
+    if cfg.get("targets", "").startswith("re:"):   # a regex comes back as the module names it selected
+        assert b_cfg.pop("targets").split(",")[0] == "model.layers.0.self_attn.q_proj"
+        a_cfg.pop("targets")
+    assert a_cfg == b_cfg and a["base_fingerprint"] == b["base_fingerprint"]
+    assert list(a["adapter"]) == list(b["adapter"])
+    assert all(torch.equal(a["adapter"][k], b["adapter"][k]) for k in a["adapter"])
+
+
+def test_peft_model_gives_tinymind_logits(out, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    model = save_adapter(save_base(out), out, use_rslora=True)
+    convert(out, "--weight", "full_sft", "--to", "hf", "--out", tmp_path / "hf")
+    convert(out, "--weight", "full_sft", "--lora_weight", "lora_identity", "--to", "peft", "--out", tmp_path / "peft")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+    assert torch.allclose(logits(peft_model), logits(model), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- MiniMind -> TinyMind
+
+def minimind_state_dict(model) -> dict:
+    """What MiniMind's trainers save: the bare state dict (tied head included), in fp16."""
+    return {k: v.half() for k, v in model.state_dict().items()}
+
+
+def fp16_exact(model):
+    """Round the weights through fp16 so the imported (fp16 -> fp32) model must match bit for bit."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    return model
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_minimind_state_dict_imports_with_the_original_logits(out, tmp_path, qk_norm):
+    overrides = dict(intermediate_size=128, rms_norm_eps=1e-6) if qk_norm else {}
+    model = fp16_exact(make_model(qk_norm, **overrides))
+    torch.save(minimind_state_dict(model), tmp_path / "full_sft_64.pth")
+    if qk_norm:   # minimind-3's preset, shrunk by the flags
+        flags = ["--preset", "minimind3", "--hidden_size", 64, "--num_hidden_layers", 2, "--num_attention_heads", 4,
+                 "--num_key_value_heads", 2, "--intermediate_size", 128, "--max_position_embeddings", 512]
+    else:
+        flags = ["--preset", "smoke"]
+    convert(out, "--from", "minimind", "--in", tmp_path / "full_sft_64.pth", "--weight", "mm_sft", *flags)
+    mm, ckpt = load_model(out / "mm_sft_64.pth")
+    assert ckpt["stage"] == "sft" and mm.config.qk_norm == qk_norm
+    assert torch.equal(logits(mm), logits(model))
+
+
+def test_minimind_lora_imports_with_scaling_one(out, tmp_path):
+    model = fp16_exact(make_model())
+    torch.save(minimind_state_dict(model), tmp_path / "full_sft_64.pth")
+    convert(out, "--from", "minimind", "--in", tmp_path / "full_sft_64.pth", "--weight", "mm_sft", "--preset", "smoke")
+    # MiniMind's LoRA: square layers (q_proj, o_proj), y = W x + B(A x), keys <module>.lora.A.weight
+    torch.manual_seed(2)
+    lora, reference = {}, fp16_exact(make_model())
+    for i in range(2):
+        for name in ("self_attn.q_proj", "self_attn.o_proj"):
+            module = f"model.layers.{i}.{name}"
+            A, B = torch.randn(3, 64) * 0.1, torch.randn(64, 3) * 0.1
+            lora[f"{module}.lora.A.weight"], lora[f"{module}.lora.B.weight"] = A.half(), B.half()
+            with torch.no_grad():
+                reference.get_submodule(module).weight += B.half().float() @ A.half().float()
+    torch.save(lora, tmp_path / "lora_medical_64.pth")
+    convert(out, "--from", "minimind", "--in", tmp_path / "lora_medical_64.pth", "--weight", "mm_sft",
+            "--lora_name", "mm_medical")
+    obj = torch.load(out / "mm_medical_64.pth")
+    assert obj["lora_config"]["rank"] == 3 and obj["lora_config"]["alpha"] == 3.0
+    assert obj["lora_config"]["targets"] == "q_proj,o_proj"
+    mm, _ = load_model(out / "mm_sft_64.pth")
+    load_lora(mm, out / "mm_medical_64.pth")
+    assert torch.allclose(logits(mm), logits(reference), atol=1e-5)
+
+
+def test_minimind3_preset_matches_minimind3():
+    cfg = get_config("minimind3")
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (768, 8, 8, 4)
+    assert cfg.intermediate_size == 2432 and cfg.rms_norm_eps == 1e-6 and cfg.qk_norm and cfg.tie_word_embeddings
+
+
+# ----------------------------------------------------------------------------- refusals: one line, exit 2
+
+def test_refusals_of_transformers_folders(out, tmp_path, capsys):
+    save_base(out)
+    hf = tmp_path / "hf"
+    convert(out, "--weight", "full_sft", "--to", "hf", "--out", hf)
+    good = json.loads((hf / "config.json").read_text())
+    cmd = ["--from", "hf", "--in", hf, "--weight", "x", "--save_dir", out]
+    for change, match in (({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "GPT2LMHeadModel"),
+                          ({"attention_bias": True}, "attention_bias"),
+                          ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling"),
+                          ({"head_dim": 32}, "head_dim")):
+        (hf / "config.json").write_text(json.dumps({**good, **change}))
+        refused(capsys, cmd, match)
+    (hf / "config.json").write_text(json.dumps(good))
+    weights = load_file(hf / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if "layers.1.mlp.up_proj" not in k}, hf / "model.safetensors",
+              metadata={"format": "pt"})
+    refused(capsys, cmd, "missing tensor(s): model.layers.1.mlp.up_proj.weight")
+    save_file({**weights, "model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}, hf / "model.safetensors",
+              metadata={"format": "pt"})
+    refused(capsys, cmd, "unknown tensor(s): model.layers.0.self_attn.q_proj.bias")
+    (hf / "model.safetensors").write_bytes(b"not a safetensors file")
+    refused(capsys, cmd, "not a readable safetensors file")
+    refused(capsys, ["--from", "hf", "--in", tmp_path / "nowhere", "--weight", "x"], "not found")
+    refused(capsys, ["--from", "hf", "--weight", "x"], "--in")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    refused(capsys, ["--weight", "full_sft", "--to", "hf", "--out", tmp_path / "busy", "--save_dir", out], "non-empty")
+
+
+def test_refusals_of_lora_and_peft_files(out, tmp_path, capsys):
+    save_adapter(save_base(out), out)
+    refused(capsys, ["--weight", "full_sft", "--to", "peft", "--save_dir", out], "--lora_weight")
+    refused(capsys, ["--weight", "full_sft", "--lora_weight", "full_sft", "--to", "peft", "--save_dir", out],
+            "not a TinyMind LoRA file")
+    obj = torch.load(out / "lora_identity_64.pth")
+    obj["lora_config"]["variant"] = "vera"
+    torch.save(obj, out / "lora_vera_64.pth")
+    refused(capsys, ["--weight", "full_sft", "--lora_weight", "lora_vera", "--to", "peft", "--out", tmp_path / "v",
+                     "--save_dir", out], "variant 'vera'")
+    assert not (tmp_path / "v").exists()
+    peft_dir = tmp_path / "peft"
+    convert(out, "--weight", "full_sft", "--lora_weight", "lora_identity", "--to", "peft", "--out", peft_dir)
+    good = json.loads((peft_dir / "adapter_config.json").read_text())
+    cmd = ["--from", "peft", "--in", peft_dir, "--weight", "full_sft", "--lora_name", "x", "--save_dir", out]
+    for change, match in (({"use_dora": True}, "use_dora"), ({"peft_type": "IA3"}, "IA3"),
+                          ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"), ({"bias": "all"}, "bias")):
+        (peft_dir / "adapter_config.json").write_text(json.dumps({**good, **change}))
+        refused(capsys, cmd, match)
+    (peft_dir / "adapter_config.json").write_text(json.dumps(good))
+    refused(capsys, cmd[:-4] + ["--save_dir", out], "--lora_name")
+    tensors = load_file(peft_dir / "adapter_model.safetensors")
+    save_file({**tensors, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)},
+              peft_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    refused(capsys, cmd, "lora_magnitude_vector")
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_refusals_of_minimind_files(out, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"x": Evil()}, tmp_path / "evil.pth")
+    refused(capsys, ["--from", "minimind", "--in", tmp_path / "evil.pth", "--preset", "smoke", "--save_dir", out],
+            "not a readable MiniMind weight file")
+    assert not (tmp_path / "pwned").exists()
+    state = minimind_state_dict(make_model())
+    path = tmp_path / "full_sft_64.pth"
+    cmd = ["--from", "minimind", "--in", path, "--weight", "mm", "--save_dir", out]
+    torch.save(state, path)
+    refused(capsys, cmd, "--preset")                                    # no config in the file
+    refused(capsys, cmd + ["--preset", "small"], "looks like: hidden 64, vocab 6400, 2 layers")
+    torch.save({**state, "model.layers.0.mlp.experts.0.up_proj.weight": torch.zeros(1)}, path)
+    refused(capsys, cmd + ["--preset", "smoke"], "MoE")
+    torch.save({**state, "model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}, path)
+    refused(capsys, cmd + ["--preset", "smoke"], "unknown tensor(s): model.layers.0.self_attn.q_proj.bias")
+    torch.save({k: v for k, v in state.items() if "layers.1.mlp.down_proj" not in k}, path)
+    refused(capsys, cmd + ["--preset", "smoke"], "missing tensor(s): model.layers.1.mlp.down_proj.weight")
+    torch.save({"tok_embeddings.weight": torch.zeros(2, 2)}, path)
+    refused(capsys, cmd + ["--preset", "smoke"], "first MiniMind release")
+    torch.save({"model.layers.0.self_attn.q_proj.lora.A.weight": torch.zeros(2, 64)}, path)
+    refused(capsys, cmd + ["--lora_name", "lm"], "only one of")
+    assert not out.exists() or not list(out.glob("mm*"))
+
+
+def test_cli_runs_from_its_own_folder_and_fails_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "convert_model.py", "--from", "minimind", "--in", str(tmp_path / "no.pth")],
+                       cwd=ROOT / "scripts", capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
