@@ -30,7 +30,8 @@ import shutil
 import torch
 
 from model.common import TinyMindError, atomic_write, find_checkpoint, repo_path, run_main, safe_load
-from model.hf_format import DTYPES, compact_targets, export_hf, export_peft, peft_variant, read_hf, read_peft
+from model.hf_format import (DTYPES, compact_targets, config_from_hf, export_hf, export_peft, peft_variant, read_hf,
+                             read_json, read_peft)
 from model.minimind_format import describe, minimind_lora, minimind_state, read_minimind
 from model.model import PRESETS, TinyMindConfig, TinyMindForCausalLM, get_config, load_model, save_model
 from model.model_lora import (LORA_FORMAT, LoRAConfig, apply_lora, base_state_dict, load_lora, merge_lora,
@@ -62,14 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="--to hf/peft: dtype of the exported tensors (float32 keeps them bit-exact)")
     p.add_argument("--tokenizer_path", default=None,
-                   help=f"tokenizer file: exported with --to hf (default {DEFAULT_TOKENIZER_PATH}); for imports, "
-                        "the one the weights were trained with (MiniMind's model/tokenizer.json), kept beside them")
+                   help="tokenizer file: --to hf exports it (default {save_dir}/{weight}_tokenizer.json if an "
+                        f"import kept one, else {DEFAULT_TOKENIZER_PATH}); imports: the one the weights were "
+                        "trained with (MiniMind's model/tokenizer.json), kept as {save_dir}/{weight}_tokenizer.json")
     p.add_argument("--base_model", default=None,
                    help="--to peft: base_model_name_or_path written into adapter_config.json "
                         "(default: {save_dir}/hf/{weight}, where --to hf puts it)")
     p.add_argument("--stage", default=None, choices=["pretrain", "sft"],
                    help="model imports: stage stored in the checkpoint (eval_llm chats with sft, continues pretrain); "
                         "default: pretrain if the input name starts with 'pretrain', else sft")
+    p.add_argument("--overwrite", action="store_true",
+                   help="imports: replace an existing {save_dir}/{weight or lora_name}_{hidden}.pth")
     p.add_argument("--preset", default=None, choices=list(PRESETS),
                    help="--from minimind: architecture of the file (small = MiniMind2-Small, base = MiniMind2, "
                         "minimind3); the flags below override single fields")
@@ -95,6 +99,14 @@ def out_folder(args, name: str) -> Path:
     return out
 
 
+def new_file(args, name: str, hidden: int, what: str) -> Path:
+    """{save_dir}/{name}_{hidden}.pth for an import; an existing file is kept unless --overwrite."""
+    path = repo_path(args.save_dir) / f"{name}_{hidden}.pth"
+    if path.exists() and not args.overwrite:
+        raise TinyMindError(f"{path} exists; choose another {what} or pass --overwrite to replace it")
+    return path
+
+
 def keep_tokenizer(tok_path: Path | None, cfg: TinyMindConfig, save_dir: Path, weight: str) -> str:
     """Check the tokenizer that comes with imported weights; one that differs from TinyMind's own is copied
     to {save_dir}/{weight}_tokenizer.json. Returns the --tokenizer_path flag eval_llm.py needs (or "")."""
@@ -118,6 +130,7 @@ def import_lora(args, fields: dict, adapter: dict[str, torch.Tensor], source: st
         raise TinyMindError("a LoRA import needs --lora_name (the new file is {save_dir}/{lora_name}_{hidden}.pth)")
     base_path = find_checkpoint(args.save_dir, args.weight, args.hidden_size, "base checkpoint")
     model, _ = load_model(base_path)
+    new_file(args, args.lora_name, model.config.hidden_size, "--lora_name")   # refuse before any work
     linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     names = set(k.rpartition(".")[0] for k in adapter)
     missing = sorted(names - set(linear))
@@ -125,9 +138,7 @@ def import_lora(args, fields: dict, adapter: dict[str, torch.Tensor], source: st
         raise TinyMindError(f"{source}: layer {missing[0]!r} does not exist in {base_path.name}")
     names = [n for n in linear if n in names]   # the model's order (safetensors files sort their keys)
     cfg = LoRAConfig(**fields, targets=",".join(compact_targets(model, names)))
-    info = apply_lora(model, cfg, adapter_name=args.lora_name)
-    if sorted(info["wrapped"]) != sorted(names):
-        raise TinyMindError(f"{source}: its layers are not a set TinyMind's targets can select")
+    apply_lora(model, cfg, adapter_name=args.lora_name)   # wraps exactly `names`: compact_targets selects them
     with torch.no_grad():
         for n in names:
             layer = model.get_submodule(n)
@@ -137,7 +148,7 @@ def import_lora(args, fields: dict, adapter: dict[str, torch.Tensor], source: st
                     raise TinyMindError(f"{source}: {n}.lora_{ab} has shape {tuple(t.shape)}, "
                                         f"{base_path.name} needs {tuple(p.shape)}")
                 p.copy_(t)
-    out = repo_path(args.save_dir) / f"{args.lora_name}_{model.config.hidden_size}.pth"
+    out = new_file(args, args.lora_name, model.config.hidden_size, "--lora_name")
     save_lora(model, out, adapter_name=args.lora_name, source=source, base_weight=args.weight)
     print(f"[convert] wrote {out} (rank {cfg.rank}, alpha {cfg.alpha:g}, targets {cfg.targets}, "
           f"{len(names)} layers); chat: python eval_llm.py --weight {args.weight} --lora_weight {args.lora_name}")
@@ -148,7 +159,7 @@ def write_model(args, cfg: TinyMindConfig, state: dict, source: str, tok_path: P
     model = TinyMindForCausalLM(cfg)
     model.load_state_dict(state, strict=True)
     stage = args.stage or ("pretrain" if Path(source).name.startswith("pretrain") else "sft")
-    out = repo_path(args.save_dir) / f"{args.weight}_{cfg.hidden_size}.pth"
+    out = new_file(args, args.weight, cfg.hidden_size, "--weight")
     flag = keep_tokenizer(tok_path, cfg, repo_path(args.save_dir), args.weight)
     save_model(model, out, stage=stage, weight=args.weight, source=str(source))
     print(f"[convert] wrote {out} (stage {stage}, {model.num_parameters() / 1e6:.2f}M params, "
@@ -164,7 +175,7 @@ def minimind_config(args, state: dict, where) -> TinyMindConfig:
         raise TinyMindError(f"{where} carries no config: give --preset (small, base, minimind3) or the "
                             f"architecture flags; the file looks like: {describe(state)}")
     if args.preset is None:   # flags only: MiniMind's own defaults for the rest are the `small` preset's
-        return get_config("small", intermediate_size=None, **flags)
+        return get_config("small", **flags)
     return get_config(args.preset, **flags)
 
 
@@ -179,7 +190,9 @@ def to_hf(args) -> list[Path]:
     merge_lora(model)
     arch = args.arch if args.arch != "auto" else ("qwen3" if model.config.qk_norm else "llama")
     out = out_folder(args, "_".join([args.weight] + names))
-    tok = repo_path(args.tokenizer_path or DEFAULT_TOKENIZER_PATH)
+    kept = repo_path(args.save_dir) / f"{args.weight}_tokenizer.json"   # what an import kept beside the weights
+    tok = repo_path(args.tokenizer_path) if args.tokenizer_path else kept if kept.is_file() else \
+        repo_path(DEFAULT_TOKENIZER_PATH)
     files = export_hf(base_state_dict(model), model.config, out, tok, arch, args.dtype)
     print(f"[convert] wrote {out} ({', '.join(f.name for f in files)}): {arch}, {args.dtype}"
           + (f", merged {', '.join(names)}" if names else ""))
@@ -208,6 +221,9 @@ def to_peft(args) -> list[Path]:
 
 def from_hf(args) -> Path:
     folder = repo_path(args.in_path)
+    if (folder / "config.json").is_file():   # an existing output is refused before the weights are read
+        hidden = config_from_hf(read_json(folder / "config.json", "config.json"), folder).hidden_size
+        new_file(args, args.weight, hidden, "--weight")
     cfg, state = read_hf(folder)
     tok = repo_path(args.tokenizer_path) if args.tokenizer_path else folder / "tokenizer.json"
     return write_model(args, cfg, state, str(folder), tok if tok.is_file() else None)
@@ -229,6 +245,7 @@ def from_minimind(args) -> Path:
         # MiniMind adds B(A x) unscaled: alpha = r gives TinyMind's scaling alpha / r = 1
         return import_lora(args, dict(rank=rank, alpha=float(rank)), adapter, str(path))
     cfg = minimind_config(args, state, path)
+    new_file(args, args.weight, cfg.hidden_size, "--weight")
     state = minimind_state(state, cfg, path)
     tok = repo_path(args.tokenizer_path) if args.tokenizer_path else None
     if tok is None:

@@ -194,8 +194,8 @@ def test_minimind_state_dict_imports_with_the_original_logits(out, tmp_path, qk_
     if qk_norm:   # minimind-3's preset, shrunk by the flags
         flags = ["--preset", "minimind3", "--hidden_size", 64, "--num_hidden_layers", 2, "--num_attention_heads", 4,
                  "--num_key_value_heads", 2, "--intermediate_size", 128, "--max_position_embeddings", 512]
-    else:
-        flags = ["--preset", "smoke"]
+    else:         # no preset: the flags, MiniMind's defaults for the rest
+        flags = ["--hidden_size", 64, "--num_hidden_layers", 2, "--num_attention_heads", 4, "--num_key_value_heads", 2]
     convert(out, "--from", "minimind", "--in", tmp_path / "full_sft_64.pth", "--weight", "mm_sft", *flags)
     mm, ckpt = load_model(out / "mm_sft_64.pth")
     assert ckpt["stage"] == "sft" and mm.config.qk_norm == qk_norm
@@ -258,6 +258,7 @@ def test_refusals_of_transformers_folders(out, tmp_path, capsys):
     (hf / "model.safetensors").write_bytes(b"not a safetensors file")
     refused(capsys, cmd, "not a readable safetensors file")
     refused(capsys, ["--from", "hf", "--in", tmp_path / "nowhere", "--weight", "x"], "not found")
+    refused(capsys, ["--from", "hf", "--in", hf, "--save_dir", out], "full_sft_64.pth exists")   # default --weight
     refused(capsys, ["--from", "hf", "--weight", "x"], "--in")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
