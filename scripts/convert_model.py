@@ -203,7 +203,7 @@ def to_peft(args) -> list[Path]:
     if not args.lora_weight or "," in args.lora_weight:
         raise TinyMindError("--to peft needs one --lora_weight (the LoRA file to export)")
     path = find_checkpoint(args.save_dir, args.weight, args.hidden_size, "checkpoint")
-    lora_path = find_checkpoint(args.save_dir, args.lora_weight, None, "LoRA file")
+    lora_path = find_checkpoint(args.save_dir, args.lora_weight, args.hidden_size, "LoRA file")
     obj = safe_load(lora_path, "LoRA file")
     if obj.get("format") != LORA_FORMAT or not isinstance(obj.get("lora_config"), dict):
         raise TinyMindError(f"{lora_path} is not a TinyMind LoRA file (format {obj.get('format')!r})")

@@ -50,8 +50,8 @@ class RunFlags:
     weight: str = flag("pretrain", "name of this run's output: writes {save_dir}/{weight}_{hidden}.pth")
     data_path: str | None = flag(None, "training data (.jsonl)", type=str)
     tokenizer_path: str = flag("model/tokenizer.json", "tokenizer file")
-    preset: str | None = flag(None, "model size preset: smoke, tiny, small, base (SFT/LoRA: only picks and "
-                                    "checks the checkpoint)", type=str)
+    preset: str | None = flag(None, "model size preset: smoke, tiny, small, base, minimind3 (SFT/LoRA: only picks "
+                                    "and checks the checkpoint)", type=str)
     hidden_size: int | None = flag(None, "model width (default: the preset's, or the checkpoint's)", type=int)
     num_hidden_layers: int | None = flag(None, "number of transformer blocks (default: the preset's, or the "
                                                "checkpoint's)", type=int)
