@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_bitwise_equal, build_model, expect_user_error
 from safetensors.torch import load_file, save_file
 
-from model.common import run_main
 from model.model import TinyMindForCausalLM, get_config, load_model, save_model
 from model.model_lora import LoRAConfig, apply_lora, load_lora, save_lora
 from model.tokenizer import CHAT_TEMPLATE_JINJA, load_tokenizer
@@ -27,9 +27,8 @@ MESSAGES = [{"role": "system", "content": "你是 TinyMind"}, {"role": "user", "
             {"role": "assistant", "content": "你好"}, {"role": "user", "content": "感冒怎么办？"}]
 
 
-def make_model(qk_norm=False, seed=0, **overrides) -> TinyMindForCausalLM:
-    torch.manual_seed(seed)
-    model = TinyMindForCausalLM(get_config("smoke", qk_norm=qk_norm, **overrides)).eval()
+def random_model(qk_norm=False, seed=0, **overrides) -> TinyMindForCausalLM:
+    model = build_model(seed, qk_norm=qk_norm, **overrides)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -38,7 +37,7 @@ def make_model(qk_norm=False, seed=0, **overrides) -> TinyMindForCausalLM:
 
 
 def save_base(out: Path, qk_norm=False, name="full_sft") -> TinyMindForCausalLM:
-    model = make_model(qk_norm)
+    model = random_model(qk_norm)
     save_model(model, out / f"{name}_64.pth", stage="sft")
     return model
 
@@ -66,11 +65,15 @@ def logits(model, ids=IDS):
 
 def refused(capsys, argv, match):
     """The command exits with status 2 and one line 'error: ...' containing ``match``."""
-    with pytest.raises(SystemExit) as e:
-        run_main(main, [str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert err.startswith("error: ") and err.count("\n") == 1 and match in err, err
+    expect_user_error(capsys, main, [str(a) for a in argv], match)
+
+
+def load_hf(transformers, folder: Path, arch: str):
+    if not hasattr(transformers, arch):   # Qwen3 arrived in transformers 4.51
+        pytest.skip(f"this transformers has no {arch}")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).float().eval()
+    assert type(model).__name__ == arch
+    return model
 
 
 @pytest.fixture
@@ -93,16 +96,15 @@ def test_hf_round_trip_is_bit_exact(out, tmp_path):
     assert json.loads((hf / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE_JINJA
     convert(out, "--from", "hf", "--in", hf, "--weight", "from_hf")
     a, b = torch.load(out / "full_sft_64.pth"), torch.load(out / "from_hf_64.pth")
-    assert a["config"] == b["config"] and b["stage"] == "sft" and set(a["model"]) == set(b["model"])
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["config"] == b["config"] and b["stage"] == "sft"
+    assert_bitwise_equal(a["model"], b["model"])
 
 
 def test_transformers_gives_tinymind_logits_prompt_and_text(out, tmp_path):
     transformers = pytest.importorskip("transformers")
     model = save_base(out)
     convert(out, "--weight", "full_sft", "--to", "hf", "--out", tmp_path / "hf")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    assert type(hf).__name__ == "LlamaForCausalLM"
+    hf = load_hf(transformers, tmp_path / "hf", "LlamaForCausalLM")
     assert torch.allclose(logits(hf), logits(model), atol=1e-4)
     tok, mine = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf"), load_tokenizer()
     for msgs, gen in ((MESSAGES, True), (MESSAGES[:3], False)):
@@ -126,8 +128,7 @@ def test_qk_norm_model_exports_as_qwen3_and_back(out, tmp_path, capsys):
     back, _ = load_model(out / "back_64.pth")
     assert back.config.qk_norm and torch.equal(logits(back), logits(model))
     transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    assert type(hf).__name__ == "Qwen3ForCausalLM"
+    hf = load_hf(transformers, tmp_path / "hf", "Qwen3ForCausalLM")
     assert torch.allclose(logits(hf), logits(model), atol=1e-4)
 
 
@@ -157,7 +158,7 @@ def test_lora_peft_round_trip_is_exact(out, tmp_path, cfg):
         a_cfg.pop("targets")
     assert a_cfg == b_cfg and a["base_fingerprint"] == b["base_fingerprint"]
     assert list(a["adapter"]) == list(b["adapter"])
-    assert all(torch.equal(a["adapter"][k], b["adapter"][k]) for k in a["adapter"])
+    assert_bitwise_equal(a["adapter"], b["adapter"])
 
 
 def test_peft_model_gives_tinymind_logits(out, tmp_path):
@@ -166,7 +167,7 @@ def test_peft_model_gives_tinymind_logits(out, tmp_path):
     model = save_adapter(save_base(out), out, use_rslora=True)
     convert(out, "--weight", "full_sft", "--to", "hf", "--out", tmp_path / "hf")
     convert(out, "--weight", "full_sft", "--lora_weight", "lora_identity", "--to", "peft", "--out", tmp_path / "peft")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    hf = load_hf(transformers, tmp_path / "hf", "LlamaForCausalLM")
     peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
     assert torch.allclose(logits(peft_model), logits(model), atol=1e-4)
 
@@ -189,7 +190,7 @@ def fp16_exact(model):
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_minimind_state_dict_imports_with_the_original_logits(out, tmp_path, qk_norm):
     overrides = dict(intermediate_size=128, rms_norm_eps=1e-6) if qk_norm else {}
-    model = fp16_exact(make_model(qk_norm, **overrides))
+    model = fp16_exact(random_model(qk_norm, **overrides))
     torch.save(minimind_state_dict(model), tmp_path / "full_sft_64.pth")
     if qk_norm:   # minimind-3's preset, shrunk by the flags
         flags = ["--preset", "minimind3", "--hidden_size", 64, "--num_hidden_layers", 2, "--num_attention_heads", 4,
@@ -203,12 +204,12 @@ def test_minimind_state_dict_imports_with_the_original_logits(out, tmp_path, qk_
 
 
 def test_minimind_lora_imports_with_scaling_one(out, tmp_path):
-    model = fp16_exact(make_model())
+    model = fp16_exact(random_model())
     torch.save(minimind_state_dict(model), tmp_path / "full_sft_64.pth")
     convert(out, "--from", "minimind", "--in", tmp_path / "full_sft_64.pth", "--weight", "mm_sft", "--preset", "smoke")
     # MiniMind's LoRA: square layers (q_proj, o_proj), y = W x + B(A x), keys <module>.lora.A.weight
     torch.manual_seed(2)
-    lora, reference = {}, fp16_exact(make_model())
+    lora, reference = {}, fp16_exact(random_model())
     for i in range(2):
         for name in ("self_attn.q_proj", "self_attn.o_proj"):
             module = f"model.layers.{i}.{name}"
@@ -303,7 +304,7 @@ def test_refusals_of_minimind_files(out, tmp_path, capsys, monkeypatch):
     refused(capsys, ["--from", "minimind", "--in", tmp_path / "evil.pth", "--preset", "smoke", "--save_dir", out],
             "not a readable MiniMind weight file")
     assert not (tmp_path / "pwned").exists()
-    state = minimind_state_dict(make_model())
+    state = minimind_state_dict(random_model())
     path = tmp_path / "full_sft_64.pth"
     cmd = ["--from", "minimind", "--in", path, "--weight", "mm", "--save_dir", out]
     torch.save(state, path)
