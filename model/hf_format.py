@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.common import TinyMindError, atomic_write, safe_load
+from model.common import TinyMindError, atomic_write, atomic_write_text, safe_load
 from model.model import TinyMindConfig, TinyMindForCausalLM
 from model.model_lora import find_targets
 from model.tokenizer import BOS_TOKEN, CHAT_TEMPLATE_JINJA, EOS_TOKEN, PAD_TOKEN, load_tokenizer
@@ -54,8 +54,7 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def write_json(path: Path, d: dict):
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(d, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
