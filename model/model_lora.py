@@ -17,13 +17,17 @@ What this file implements:
 - ``merge_lora`` / ``unmerge_lora`` / ``base_state_dict``: fold adapters in (no extra inference cost) and
   get the weights back under the plain model's names, so a merged model needs no LoRA code at all.
 - ``set_active_adapters`` / ``disable_adapters`` / ``combine_adapters``: several adapters in one model.
+
+The variants (DoRA, VeRA, PiSSA, QLoRA, ...) live beside this file in ``model/lora_variants/``; the only
+trace of them here is ``LoRAConfig.variant``/``options`` and ``LoRALinear.variants``: a variant whose
+layer computes its branch differently puts a module there, and ``forward``/``delta_weight`` defer to it.
 """
 from __future__ import annotations
 
 import math
 import re
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +51,8 @@ class LoRAConfig:
     dropout: float = 0.0             # dropout on the LoRA branch's input only; the base path always sees clean x
     use_rslora: bool = False         # rsLoRA: alpha / sqrt(r) keeps the update's size stable as r grows
     init: str = "kaiming"            # init of A: "kaiming" (uniform, as nn.Linear) or "gaussian" (std 1/r)
+    variant: str = "lora"            # a name in model/lora_variants (dora, vera, pissa, ...); "lora" = this file
+    options: dict = field(default_factory=dict)   # the variant's own hyper-parameters (saved with the file)
 
     def __post_init__(self):
         if isinstance(self.targets, (list, tuple)):
@@ -82,6 +88,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.ParameterDict()       # adapter name -> [r, in]
         self.lora_B = nn.ParameterDict()       # adapter name -> [out, r]
         self.lora_dropout = nn.ModuleDict()    # adapter name -> Dropout or Identity
+        self.variants = nn.ModuleDict()        # adapter name -> a variant's own branch (DoRA, VeRA, AdaLoRA)
         self.scaling: dict[str, float] = {}    # adapter name -> s
         self.configs: dict[str, LoRAConfig] = {}
         self.active: tuple[str, ...] = ()      # a tuple: torch.compile guards on it cheaply, no graph breaks
@@ -92,14 +99,19 @@ class LoRALinear(nn.Module):
         return bool(self.merged_adapters)
 
     def add_adapter(self, name: str, cfg: LoRAConfig, scaling: float | None = None):
+        from model.lora_variants import variant_layer   # the registry imports this file: import it late
         w = self.base.weight
+        layer_cls = variant_layer(cfg.variant)
+        if layer_cls is not None:   # the variant builds its own tensors (and maybe A and B: uses_ab)
+            self.variants[name] = layer_cls(self, cfg).train(self.training)
         A = torch.empty(cfg.rank, self.in_features, device=w.device, dtype=w.dtype)
         if cfg.init == "kaiming":  # same init nn.Linear gives its weight: U(-1/sqrt(in), 1/sqrt(in))
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         else:
             nn.init.normal_(A, std=1.0 / cfg.rank)
-        self.lora_A[name] = nn.Parameter(A)
-        self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, cfg.rank, device=w.device, dtype=w.dtype))
+        if layer_cls is None or layer_cls.uses_ab:
+            self.lora_A[name] = nn.Parameter(A)
+            self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, cfg.rank, device=w.device, dtype=w.dtype))
         drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.lora_dropout[name] = drop.train(self.training)   # a new module starts in train mode: follow ours
         self.scaling[name] = cfg.scaling if scaling is None else scaling
@@ -109,7 +121,11 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:  # the update already lives inside base.weight
             return y
+        base_y = y                                                  # DoRA rescales the base output
         for name in self.active:
+            if name in self.variants:                               # a variant computes its own branch
+                y = y + self.variants[name](self, name, x, base_y).to(y.dtype)
+                continue
             A, B = self.lora_A[name], self.lora_B[name]
             h = self.lora_dropout[name](x).to(A.dtype)             # (..., in)
             z = F.linear(h, A) * self.scaling[name]                 # (..., r): scale the small tensor, not the output
@@ -120,6 +136,8 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """The update this adapter adds to W, in fp32: s * B @ A, shape [out, in]."""
+        if name in self.variants:
+            return self.variants[name].delta_weight(self, name)
         return self.scaling[name] * (self.lora_B[name].float() @ self.lora_A[name].float())
 
     @torch.no_grad()
@@ -127,6 +145,9 @@ class LoRALinear(nn.Module):
         """W <- W + sum of active deltas, summed in fp32 and cast once. A second call does nothing."""
         if self.merged or not self.active:
             return
+        if getattr(self.base, "quantized", False):
+            raise TinyMindError("cannot merge exactly into a 4-bit (NF4) base: load the adapter on the "
+                                "full-precision base (it loads there unchanged) and merge that")
         w = self.base.weight
         delta = sum(self.delta_weight(n) for n in self.active)
         w.copy_((w.float() + delta).to(w.dtype))
@@ -142,8 +163,14 @@ class LoRALinear(nn.Module):
         w.copy_((w.float() - delta).to(w.dtype))
         self.merged_adapters = ()
 
+    def lora_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B', A') in fp32 with B' @ A' = delta_weight(name): how ``combine_adapters`` concatenates ranks."""
+        if name in self.variants:
+            return self.variants[name].lora_pair(self, name)
+        return self.scaling[name] * self.lora_B[name].detach().float(), self.lora_A[name].detach().float()
+
     def extra_repr(self) -> str:
-        ranks = {n: a.shape[0] for n, a in self.lora_A.items()}
+        ranks = {n: c.rank for n, c in self.configs.items()}
         return f"ranks={ranks}, active={self.active}, merged={self.merged}"
 
 
@@ -158,7 +185,7 @@ def adapter_names(model: nn.Module, active_only: bool = False) -> tuple[str, ...
     """Names of the loaded (or only the active) adapters, in the order they were added."""
     names: dict[str, None] = {}
     for _, m in lora_modules(model):
-        names.update(dict.fromkeys(m.active if active_only else m.lora_A))
+        names.update(dict.fromkeys(m.active if active_only else m.configs))
     return tuple(names)
 
 
@@ -236,7 +263,11 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | None = None, adapter_name: st
         layer.add_adapter(adapter_name, cfg)
     _set_active(core, active + (adapter_name,))
     for n, p in core.named_parameters():       # train the new adapter only; base and older adapters stay frozen
-        p.requires_grad = n.endswith(f".lora_A.{adapter_name}") or n.endswith(f".lora_B.{adapter_name}")
+        p.requires_grad = (n.endswith(f".lora_A.{adapter_name}") or n.endswith(f".lora_B.{adapter_name}")
+                           or f".variants.{adapter_name}." in n)
+    from model.lora_variants import get_variant
+    if get_variant(cfg.variant).setup is not None:   # e.g. VeRA: the random matrices all layers share
+        get_variant(cfg.variant).setup(core, adapter_name)
     trainable = sum(p.numel() for p in core.parameters() if p.requires_grad)
     return dict(wrapped=names, trainable=trainable, total=sum(p.numel() for p in core.parameters()))
 
@@ -293,15 +324,16 @@ def combine_adapters(model: nn.Module, names, weights, new_name: str) -> str:
     if not re.fullmatch(NAME_RE, new_name) or new_name in adapter_names(model):
         raise TinyMindError(f"combine_adapters: {new_name!r} is already loaded or not a valid name")
     _require(model, "combine adapters", names)
-    mods = [(n, m) for n, m in lora_modules(model) if any(a in m.lora_A for a in names)]
-    ranks = [next(m.lora_A[a].shape[0] for _, m in mods if a in m.lora_A) for a in names]
+    mods = [(n, m) for n, m in lora_modules(model) if any(a in m.configs for a in names)]
+    pairs = [{a: m.lora_pair(a) for a in names if a in m.configs} for _, m in mods]   # (s * B, A) per layer
+    ranks = [next(p[a][1].shape[0] for p in pairs if a in p) for a in names]
     # alpha = rank -> scaling 1; targets = the exact module names, so load_lora rebuilds the same layers
     cfg = LoRAConfig(rank=sum(ranks), alpha=float(sum(ranks)), targets=",".join(n for n, _ in mods))
-    for _, m in mods:
+    for (_, m), pair in zip(mods, pairs):
         dev = m.base.weight.device
-        As = [m.lora_A[a].detach().float() if a in m.lora_A else torch.zeros(r, m.in_features, device=dev)
+        As = [pair[a][1] if a in pair else torch.zeros(r, m.in_features, device=dev)
               for a, r in zip(names, ranks)]
-        Bs = [w * m.scaling[a] * m.lora_B[a].detach().float() if a in m.lora_A
+        Bs = [w * pair[a][0] if a in pair
               else torch.zeros(m.out_features, r, device=dev) for a, w, r in zip(names, weights, ranks)]
         m.add_adapter(new_name, cfg, scaling=1.0)
         with torch.no_grad():
@@ -330,26 +362,73 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- files
 
+def _layer_state(m: LoRALinear, name: str) -> dict[str, torch.Tensor]:
+    """One layer's tensors of adapter ``name``: "lora_A" [r, in], "lora_B" [out, r], and a variant's own."""
+    out = {}
+    if name in m.lora_A:
+        out["lora_A"] = m.lora_A[name].detach()
+        out["lora_B"] = m.lora_B[name].detach()
+    if name in m.variants:   # DoRA: "magnitude" [out]; VeRA: "vera_b" [out], "vera_d" [r]; ...
+        out.update({k: t.detach() for k, t in m.variants[name].state_dict().items()})
+    return out
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of adapter ``name`` by plain module name ("model.layers.0.self_attn.q_proj.lora_A", ...)."""
+    return {f"{n}.{k}": t for n, m in lora_modules(model) for k, t in _layer_state(m, name).items()}
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Fingerprint of the base weights *as loaded*. Variants that rewrite the frozen base for training
+    (PiSSA's residual, QLoRA's 4-bit copy) record the original one first in ``lora_base_fingerprint``."""
+    core = unwrap_model(model)
+    return getattr(core, "lora_base_fingerprint", None) or state_fingerprint(base_state_dict(core))
+
+
 def save_lora(model: nn.Module, path, adapter_name: str = "default", **extra) -> Path:
     """Write one adapter, atomically, as a dict that ``torch.load(weights_only=True)`` reads back:
 
         {"format": "tinymind-lora", "lora_name": str, **extra, "lora_config": LoRAConfig.to_dict(),
          "base_config": base TinyMindConfig.to_dict(), "base_fingerprint": 16 hex digits of the unmerged base,
+         "trained_over": [{"name", "fingerprint"} of every other adapter that was active: it needs them],
          "adapter": {"model.layers.0.self_attn.q_proj.lora_A": [r, in], "...q_proj.lora_B": [out, r], ...}}
 
     Keys hold no adapter name and no DDP / compile prefix. ``lora_name`` defaults to ``adapter_name``;
     the fixed keys come after ``**extra``, so extra metadata (step=, from_weight=) can never replace them.
+    A variant may write its adapter in another form (PiSSA: as a plain LoRA of rank 2r on the original base).
     """
+    from model.lora_variants import export_adapter
     _require(model, "save a LoRA file", [adapter_name])   # the fingerprint is of the *unmerged* base
     core = unwrap_model(model)
-    mods = [(n, m) for n, m in lora_modules(core) if adapter_name in m.lora_A]
-    adapter = {f"{n}.lora_{ab}": getattr(m, f"lora_{ab}")[adapter_name].detach().cpu().clone()
-               for n, m in mods for ab in "AB"}
+    cfg, adapter = export_adapter(core, adapter_name)
+    over = [{"name": n, "fingerprint": state_fingerprint(adapter_state(core, n))}
+            for n in adapter_names(core, active_only=True) if n != adapter_name]
     return atomic_save({"format": LORA_FORMAT, "lora_name": adapter_name, **extra,
-                        "lora_config": mods[0][1].configs[adapter_name].to_dict(),
+                        "lora_config": cfg.to_dict(),
                         "base_config": core.config.to_dict(),
-                        "base_fingerprint": state_fingerprint(base_state_dict(core)),
-                        "adapter": adapter}, repo_path(path))
+                        "base_fingerprint": base_fingerprint(core),
+                        "trained_over": over,
+                        "adapter": {k: t.cpu().clone() for k, t in adapter.items()}}, repo_path(path))
+
+
+def _check_companions(core: nn.Module, obj: dict, path: Path):
+    """An adapter trained on top of others only works with them: each must be loaded and active."""
+    active = {state_fingerprint(adapter_state(core, n)): n for n in adapter_names(core, active_only=True)}
+    for other in obj.get("trained_over") or ():
+        if other.get("fingerprint") not in active:
+            raise TinyMindError(f"{path} was trained on top of adapter {other.get('name')!r} (fingerprint "
+                                f"{other.get('fingerprint')}), which is not active; load that file first")
+
+
+def _expected_state(core: nn.Module, names: list[str], cfg: LoRAConfig) -> dict[str, tuple]:
+    """Key -> shape of the adapter ``cfg`` builds on layers ``names``, from a probe on the meta device."""
+    expected = {}
+    for n in names:
+        layer = core.get_submodule(n)
+        probe = LoRALinear(nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta"))
+        probe.add_adapter("probe", cfg)
+        expected.update({f"{n}.{k}": tuple(t.shape) for k, t in _layer_state(probe, "probe").items()})
+    return expected
 
 
 def _check_base(core: nn.Module, obj: dict, path: Path):
@@ -360,7 +439,7 @@ def _check_base(core: nn.Module, obj: dict, path: Path):
         what = ", ".join(f"{k} {theirs.get(k)!r} vs {mine.get(k)!r}" for k in diff[:4])
         raise TinyMindError(f"{path} was made for another base model (file vs model: {what}); force=True loads it anyway")
     _require(core, "check a LoRA file against the base weights")
-    fp = state_fingerprint(base_state_dict(core))
+    fp = base_fingerprint(core)
     if fp != obj["base_fingerprint"]:
         raise TinyMindError(f"{path} was trained on other base weights (fingerprint {obj['base_fingerprint']} vs {fp}: "
                             f"same config, another checkpoint); force=True loads it anyway")
@@ -388,14 +467,11 @@ def load_lora(model: nn.Module, path, adapter_name: str | None = None, force: bo
         cfg = LoRAConfig.from_dict(obj["lora_config"])
         if not force:
             _check_base(core, obj, path)
+            _check_companions(core, obj, path)
         names = find_targets(core, cfg.targets)
+        state, expected = obj["adapter"], _expected_state(core, names, cfg)   # lora_A [r, in], lora_B [out, r]
     except TinyMindError as e:
         raise TinyMindError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
-    state, expected = obj["adapter"], {}
-    for n in names:
-        layer = core.get_submodule(n)
-        expected[f"{n}.lora_A"] = (cfg.rank, layer.in_features)    # [r, in]
-        expected[f"{n}.lora_B"] = (layer.out_features, cfg.rank)   # [out, r]
     for label, keys in (("missing", sorted(set(expected) - set(state))), ("unknown", sorted(set(state) - set(expected)))):
         if keys:
             more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
@@ -407,7 +483,6 @@ def load_lora(model: nn.Module, path, adapter_name: str | None = None, force: bo
     name = adapter_name or obj.get("lora_name") or path.stem
     apply_lora(core, cfg, adapter_name=name)
     with torch.no_grad():
-        for n in names:
-            core.get_submodule(n).lora_A[name].copy_(state[f"{n}.lora_A"])
-            core.get_submodule(n).lora_B[name].copy_(state[f"{n}.lora_B"])
+        for key, t in adapter_state(core, name).items():
+            t.copy_(state[key])
     return name

@@ -14,6 +14,8 @@ CPU demo on the shipped data (run train_pretrain.py and train_sft.py first):
     python trainer/train_lora.py --lora_name lora_medical --data_path dataset/lora_medical.jsonl \
         --epochs 9 --learning_rate 5e-3                            # new knowledge needs more passes
     python trainer/train_lora.py --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --use_rslora 1
+    python trainer/train_lora.py --lora_variant dora --lora_name lora_identity_dora   # any of the LoRA family:
+    python trainer/train_lora.py --help                            # lists the variants and each one's flags
     python eval_llm.py --weight full_sft --lora_weight lora_identity    # chat with it
 One GPU / several GPUs:
     python trainer/train_lora.py --device cuda --lora_name lora_medical --data_path dataset/lora_medical.jsonl
@@ -29,6 +31,7 @@ import argparse
 
 from dataset.lm_dataset import SFTDataset, collate_batch
 from model.common import cleanup_distributed, run_main, setup_device
+from model.lora_variants import TrainSetup, add_variant_args, config_from_args, get_variant
 from model.model_lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, save_lora
 from model.tokenizer import load_tokenizer
 from trainer.resume import run_key, seed_everything, split_dataset
@@ -55,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {DEFAULT_TARGETS})")
     p.add_argument("--use_rslora", type=int, default=0, choices=[0, 1],
                    help="1: rsLoRA scaling alpha / sqrt(r), stable across ranks (default: 0)")
+    add_variant_args(p)
     return p
 
 
@@ -74,23 +78,37 @@ def main(argv=None):
         train_set, val_set = split_dataset(dataset, args.val_ratio, args.seed)
 
         seed_everything(args.seed)  # the same A initialisation on every rank
-        lora_cfg = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets,
-                              dropout=args.lora_dropout, use_rslora=bool(args.use_rslora))
+        variant = get_variant(args.lora_variant)
+        lora_cfg = config_from_args(args, LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha,
+                                                     targets=args.lora_targets, dropout=args.lora_dropout,
+                                                     use_rslora=bool(args.use_rslora)))
         info = apply_lora(model, lora_cfg, adapter_name=args.lora_name)  # freezes every base weight
+        if variant.prepare is not None:   # data-dependent init: PiSSA's SVD, QLoRA's 4-bit base, ...
+            variant.prepare(model, args.lora_name, TrainSetup(train_set, collate_batch, ctx, args))
+        info["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         base = info["total"] - info["trainable"]
         ctx.log(f"model: {src} (hidden {config.hidden_size}, {config.num_hidden_layers} layers)")
         ctx.log(f"LoRA {args.lora_name}: rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g}, scaling "
-                f"{lora_cfg.scaling:.4g}, {len(info['wrapped'])} layers wrapped ({args.lora_targets})")
+                f"{lora_cfg.scaling:.4g}, {len(info['wrapped'])} layers wrapped ({args.lora_targets}), "
+                f"variant {variant.name} {lora_cfg.options or ''}")
         ctx.log(f"parameters: total {info['total']:,} (base {base:,} frozen), LoRA {info['trainable']:,} "
                 f"trainable = {100 * info['trainable'] / info['total']:.2f}% of total")
         files = RunFiles.for_run(args.save_dir, args.lora_name, config.hidden_size)
+
+        def save_weights(m):
+            path = save_lora(m, files.weights, adapter_name=args.lora_name, from_weight=args.from_weight)
+            if variant.save_extra is not None:   # e.g. Delta-LoRA: W itself changed, write it too
+                variant.save_extra(m, args.lora_name, args, path)
+            return path
+
         metrics = train_loop(
-            model, train_set, val_set, collate_batch, tc, ctx, files,
-            save_weights=lambda m: save_lora(m, files.weights, adapter_name=args.lora_name,
-                                             from_weight=args.from_weight),
-            run=run_key(args, "lora", ctx, "from_weight", "lora_name", "lora_rank", "lora_alpha",
-                        "lora_dropout", "lora_targets", "use_rslora"),
-            resume=bool(args.from_resume))
+            model, train_set, val_set, collate_batch, tc, ctx, files, save_weights=save_weights,
+            run={**run_key(args, "lora", ctx, "from_weight", "lora_name", "lora_rank", "lora_alpha",
+                           "lora_dropout", "lora_targets", "use_rslora", "lora_variant"),
+                 "lora_options": repr(sorted(lora_cfg.options.items()))},
+            resume=bool(args.from_resume),
+            hooks=variant.hooks(model, args.lora_name, args) if variant.hooks is not None else (),
+            make_optimizer=variant.make_optimizer(args) if variant.make_optimizer is not None else None)
         return finish_run(metrics, ctx)
     finally:
         cleanup_distributed(ctx)
