@@ -352,7 +352,7 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for key, value in core.state_dict().items():
         parts = key.rsplit(".", 2)                 # [module, "base" | "lora_A" | "lora_B", leaf]
-        if len(parts) == 3 and parts[0] in wrapped:
+        if len(parts) == 3 and parts[0].removesuffix(".variants") in wrapped:   # (variants: [module.variants, name, leaf])
             if parts[1] == "base":
                 out[f"{parts[0]}.{parts[2]}"] = value
             continue                               # adapter tensors are not base weights
