@@ -233,7 +233,7 @@ def _require(model: nn.Module, what: str, names=()):
 
 def _set_active(model: nn.Module, names: tuple[str, ...]):
     for _, m in lora_modules(model):
-        m.active = tuple(n for n in names if n in m.lora_A)
+        m.active = tuple(n for n in names if n in m.configs)
 
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig | None = None, adapter_name: str = "default", **cfg_overrides) -> dict:
