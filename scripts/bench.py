@@ -13,6 +13,8 @@ so a busy machine slows both sides alike. Measurements (names for ``--only``):
   decode            decode tokens/s, batch 1, greedy, fp32 (and a bf16 row for comparison)
   packing           pretraining: useful (non-pad) tokens/s of the packed loader vs padding every document
   train             training tokens/s (full fine-tuning step) of the `tiny` and `small` presets
+  qlora_memory      bytes of the frozen base stored for QLoRA (linear layers NF4 + double quantisation, tied
+                    embedding bf16) vs the fp32 base, `small` preset (a count of stored bytes, not a timing)
 
 It prints a markdown table (PASS/MISS per target) and writes JSON with the machine, command and date.
 
@@ -52,7 +54,7 @@ from scripts.bench_utils import (add_lora, build_model, current_memory_mb, greed
 from trainer.train_loop import build_optimizer
 
 MEASUREMENTS = ("lora_step", "lora_memory", "merged_forward", "unmerged_forward",
-                "kv_cache", "decode", "packing", "train")
+                "kv_cache", "decode", "packing", "train", "qlora_memory")
 
 # Targets from the performance issue: (comparison, threshold). "within" means |value - 1| <= threshold.
 TARGETS = {
@@ -63,6 +65,7 @@ TARGETS = {
     "kv_cache": (">=", 5.0),
     "decode": (">=", 100.0),
     "packing": (">=", 1.5),
+    "qlora_memory": ("<=", 0.2),
 }
 
 
@@ -360,6 +363,30 @@ def bench_train(ctx):
     return rows, details
 
 
+def stored_bytes(model):
+    """Bytes of the weights (the state dict: parameters and saved buffers, not the RoPE cache), a tensor
+    shared by two modules (tied weights) counted once."""
+    seen, total = set(), 0
+    for t in model.state_dict(keep_vars=True).values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def bench_qlora_memory(ctx):
+    from model.lora_variants.qlora import quantize_base
+
+    preset = ctx.preset if ctx.args.quick else "small"
+    model = build_model(preset, "cpu")
+    fp32 = stored_bytes(model)
+    quantize_base(model, block_size=64, double_quant=True)
+    nf4 = stored_bytes(model)
+    what = f"QLoRA base memory, NF4 (blocks of 64, double quant) vs fp32 ({preset})"
+    rows = [row("qlora_memory", what, nf4 / fp32, f"{nf4 / fp32:.3f}x ({nf4 / 2**20:.1f} MiB vs {fp32 / 2**20:.1f} MiB)", "x")]
+    return rows, {"preset": preset, "fp32_bytes": fp32, "nf4_bytes": nf4}
+
+
 BENCHES = {
     "lora_step": bench_lora_step,
     "lora_memory": bench_lora_memory,
@@ -369,6 +396,7 @@ BENCHES = {
     "decode": bench_decode,
     "packing": bench_packing,
     "train": bench_train,
+    "qlora_memory": bench_qlora_memory,
 }
 
 
