@@ -8,6 +8,8 @@ What this file implements:
   ``tiny`` and ``small`` presets, for several target sets (the default list, ``all-linear``, attention
   only, and the layers MiniMind's "square matrices only" rule would pick);
 - ``lora_layer_table``: the shapes of A and B for each target layer of one block (``tiny``, r = 8);
+- ``variant_table``: trainable parameters of every variant in model/lora_variants on ``tiny`` and ``small``,
+  with the flags' defaults of trainer/train_lora.py (r = 8, alpha = 16 where the variant uses them);
 - ``scaling_table``: ``LoRAConfig.scaling`` for alpha = 16 across ranks, plain and rsLoRA;
 - ``render_blocks`` / ``--update``: the docs hold these tables between ``<!-- doc_numbers:NAME -->``
   markers; ``--update`` rewrites them there, and tests/test_docs.py fails when they differ.
@@ -135,6 +137,35 @@ def lora_layer_table(preset: str = "tiny", rank: int = 8) -> str:
     return "\n".join(rows)
 
 
+def variant_counts(preset: str, name: str) -> tuple[int, int, int]:
+    """(rank used, trainable, base parameters) of variant ``name`` with train_lora.py's default flags."""
+    from model.lora_variants import config_from_args, get_variant
+    from trainer.train_lora import build_parser
+
+    args = build_parser().parse_args(["--lora_variant", name, "--lora_rank", "8", "--lora_alpha", "16"])
+    cfg = config_from_args(args, LoRAConfig(rank=8, alpha=16.0, targets=DEFAULT_TARGETS))
+    model = build(preset)
+    base = model.num_parameters()
+    with shapes_only():
+        info = apply_lora(model, cfg, adapter_name="default")
+    count = get_variant(name).count_trainable
+    return cfg.rank, (count(model, "default") if count else info["trainable"]), base
+
+
+def variant_table() -> str:
+    from model.lora_variants import variants
+
+    rows = ["| variant | r | `tiny` trainable | % of base | `small` trainable | % of base |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for name in variants():
+        cells = []
+        for preset in LORA_PRESETS:
+            rank, n, base = variant_counts(preset, name)
+            cells.append(f"{n:,} | {100 * n / base:.2f}%")
+        rows.append(f"| `{name}` | {rank} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def scaling_table(alpha: float = 16.0, ranks=(1, 4, 8, 16, 64)) -> str:
     """LoRAConfig.scaling for one alpha across ranks: alpha / r against rsLoRA's alpha / sqrt(r)."""
     rows = [f"| r (alpha = {alpha:g}) | " + " | ".join(str(r) for r in ranks) + " |",
@@ -148,7 +179,7 @@ def scaling_table(alpha: float = 16.0, ranks=(1, 4, 8, 16, 64)) -> str:
 def render_blocks() -> dict[str, str]:
     """Name -> markdown table, as the docs hold them between their markers."""
     return {"presets": preset_table(), "lora": lora_table(), "lora_layers": lora_layer_table(),
-            "lora_scaling": scaling_table()}
+            "lora_scaling": scaling_table(), "lora_variants": variant_table()}
 
 
 def update_docs(blocks: dict[str, str], write: bool) -> list[str]:

@@ -15,6 +15,8 @@ says, with plain callables, everything trainer/train_lora.py, ``apply_lora``, ``
     make_optimizer  (args) -> (model, lr, weight_decay) -> optimizer (LoRA+, LoRA-FA, LoRA-Pro)
     hooks           (model, name, args) -> [TrainHook objects] (AdaLoRA's budget, Delta-LoRA, LoRA-drop)
     save_extra      (model, name, args, weights_path): files written beside the adapter (Delta-LoRA's W)
+    count_trainable (model, name) -> int: trainable numbers right after apply_lora, for the docs' table,
+                    when ``prepare`` changes them (LoRA-FA freezes A); default: what apply_lora reports
 
 Registering one is a few lines, e.g. a variant that only changes the optimizer:
 
@@ -56,6 +58,7 @@ class Variant:
     make_optimizer: Callable | None = None
     hooks: Callable | None = None
     save_extra: Callable | None = None
+    count_trainable: Callable | None = None
 
 
 REGISTRY: dict[str, Variant] = {}
