@@ -94,13 +94,15 @@ def _load_all():
 
 
 def variants() -> dict[str, Variant]:
+    """Every registered variant, plain LoRA first, then in MODULES order (whatever order they were imported)."""
     _load_all()
-    return REGISTRY
+    order = {name: i for i, name in enumerate(("lora",) + MODULES)}
+    return dict(sorted(REGISTRY.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
 def get_variant(name: str) -> Variant:
     if name not in variants():
-        raise TinyMindError(f"unknown LoRA variant {name!r}; choose one of {', '.join(REGISTRY)}")
+        raise TinyMindError(f"unknown LoRA variant {name!r}; choose one of {', '.join(variants())}")
     return REGISTRY[name]
 
 
@@ -114,11 +116,16 @@ def add_variant_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora_variant", default="lora", choices=names,
                         help="which member of the LoRA family to train (default: lora); "
                              "each one's own flags are listed in its group below")
-    for v in REGISTRY.values():
-        if v.add_args is None:
+    for v in variants().values():
+        if v.name == "lora":
             continue
         paper = f" (arXiv {v.paper})" if v.paper else ""
-        v.add_args(parser.add_argument_group(f"{v.name}{paper}", v.summary))
+        group = parser.add_argument_group(f"{v.name}{paper}", v.summary)   # shown even without own flags
+        if v.add_args is not None:
+            v.add_args(group)
+        for action in group._group_actions:   # every flag shows its default, as the common flags do
+            if action.help and "%(default)" not in action.help:
+                action.help += " (default: %(default)s)"
 
 
 def config_from_args(args: argparse.Namespace, cfg) -> "LoRAConfig":  # noqa: F821
