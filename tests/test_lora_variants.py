@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import build_model
 from model.common import TinyMindError
 from model.lora_variants import TrainSetup, get_variant
 from model.lora_variants.adalora import AdaLoRABudget, orthogonal_penalty
 from model.lora_variants.qlora import NF4_CODE, NF4Linear, dequantize_nf4, quantize_nf4
-from model.model import TinyMindForCausalLM, get_config
+from model.model import get_config
 from model.model_lora import (LoRAConfig, adapter_names, apply_lora, combine_adapters, load_lora, lora_modules,
                               merge_lora, save_lora, unmerge_lora)
 
@@ -27,17 +28,8 @@ MINE = ("dora", "vera", "pissa", "olora", "lora_ga", "qlora", "adalora")
 RESIDUAL = ("pissa", "olora", "lora_ga")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_model(seed=0):
-    torch.manual_seed(seed)
-    return TinyMindForCausalLM(get_config("smoke")).eval()
+    return build_model(seed)
 
 
 def tokens(seed=0, B=2, T=12):

@@ -12,8 +12,8 @@ from model.common import safe_load
 from model.lora_variants import variants
 from model.model import load_model
 from model.model_lora import adapter_names, base_state_dict, load_lora
-from test_train_lora import lora_argv, one_thread, with_base, ws  # noqa: F401 (pytest fixtures)
-from test_trainer import quiet
+from conftest import expect_user_error, quiet
+from test_train_lora import lora_argv, with_base, ws  # noqa: F401 (ws: a pytest fixture)
 from trainer import train_lora
 
 # LoRA's own file on the fp32 base cannot reproduce a model whose base was not that base while training
@@ -60,8 +60,6 @@ def test_variant_trains_three_steps_and_its_file_loads_and_merges(name, ws, tmp_
 
 
 def test_variant_flags_are_grouped_and_checked(ws, tmp_path, capsys):  # noqa: F811
-    from test_trainer import expect_user_error
-
     text = train_lora.build_parser().format_help()
     for group in ("dora (arXiv 2402.09353)", "vera (arXiv 2310.11454)", "qlora (arXiv 2305.14314)",
                   "adalora (arXiv 2303.10512)", "--vera_rank", "--qlora_double_quant", "--adalora_target_r"):

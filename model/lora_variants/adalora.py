@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from model.common import TinyMindError
 from model.lora_variants import Variant, adapter_layers, register
+from trainer.train_loop import TrainHook
 
 
 class AdaLoRALayer(nn.Module):
@@ -67,7 +68,7 @@ def orthogonal_penalty(model, name: str) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
-class AdaLoRABudget:
+class AdaLoRABudget(TrainHook):
     """The training hook: orthogonality penalty, importance scores, budget schedule and masks."""
 
     def __init__(self, model, name: str, opts: dict):
