@@ -229,6 +229,11 @@ def test_nf4_code_book_is_bitsandbytes():
     assert NF4_CODE.tolist() == BNB_NF4
 
 
+def test_nf4_code_book_equals_installed_bitsandbytes():
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    assert NF4_CODE.tolist() == bnb.get_4bit_type("nf4", device="cpu").tolist()
+
+
 def test_nf4_error_bound_block_maxima_and_zeros():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(48, 80, generator=g) * 0.02

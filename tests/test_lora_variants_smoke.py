@@ -3,10 +3,12 @@
 For each name in model/lora_variants: ``train_lora.py --lora_variant NAME --max_steps 3`` on a smoke
 full_sft checkpoint; the adapter file says which variant made it; ``load_lora`` puts it on the untouched
 base and reproduces the trained model (where the variant leaves W alone); ``scripts/merge_lora.py``
-merges it into a plain checkpoint with the same logits.
+merges it into a plain checkpoint with the same logits; ``eval_llm.py --lora_weight`` answers with it.
 """
 import pytest
 import torch
+
+import eval_llm
 
 from model.common import safe_load
 from model.lora_variants import variants
@@ -57,6 +59,12 @@ def test_variant_trains_three_steps_and_its_file_loads_and_merges(name, ws, tmp_
     with torch.no_grad():
         torch.testing.assert_close(merged(x).logits, loaded, rtol=0, atol=1e-5)
     assert set(base_state_dict(model)) == set(merged.state_dict())
+
+    for extra in ((), ("--merge",)):   # eval_llm.py takes the file with no variant flag, merged or not
+        _, printed = quiet(eval_llm.main, ["--weight", "full_sft", "--lora_weight", "adapter", "--save_dir", str(out),
+                                           "--tokenizer_path", ws["tok"], "--device", "cpu", "--dtype", "float32",
+                                           "--prompt", "who are you?", "--max_new_tokens", "2", "--temperature", "0",
+                                           *extra])
 
 
 def test_variant_flags_are_grouped_and_checked(ws, tmp_path, capsys):  # noqa: F811
