@@ -251,6 +251,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | None = None, adapter_name: st
     if not re.fullmatch(NAME_RE, adapter_name) or adapter_name in adapter_names(model):
         raise TinyMindError(f"adapter name {adapter_name!r} is already loaded or not a valid name (letters, digits, _)")
     _require(model, "add an adapter")
+    from model.lora_variants import get_variant   # the registry imports this file: import it late
+    variant = get_variant(cfg.variant)             # an unknown variant fails before anything changes
     core = unwrap_model(model)
     names = find_targets(core, cfg.targets)   # raises before anything is changed
     active = adapter_names(core, active_only=True)
@@ -265,9 +267,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | None = None, adapter_name: st
     for n, p in core.named_parameters():       # train the new adapter only; base and older adapters stay frozen
         p.requires_grad = (n.endswith(f".lora_A.{adapter_name}") or n.endswith(f".lora_B.{adapter_name}")
                            or f".variants.{adapter_name}." in n)
-    from model.lora_variants import get_variant
-    if get_variant(cfg.variant).setup is not None:   # e.g. VeRA: the random matrices all layers share
-        get_variant(cfg.variant).setup(core, adapter_name)
+    if variant.setup is not None:              # e.g. VeRA: the random matrices all layers share
+        variant.setup(core, adapter_name)
     trainable = sum(p.numel() for p in core.parameters() if p.requires_grad)
     return dict(wrapped=names, trainable=trainable, total=sum(p.numel() for p in core.parameters()))
 
