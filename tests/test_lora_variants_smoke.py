@@ -78,3 +78,30 @@ def test_variant_flags_are_grouped_and_checked(ws, tmp_path, capsys):  # noqa: F
     expect_user_error(capsys, train_lora.main, lora_argv(ws, out, "--lora_variant", "adalora",
                                                          "--adalora_target_r", 20), "adalora_target_r")
     assert not list(out.glob("lora_identity*"))   # nothing written
+
+
+@pytest.mark.parametrize("name", ["adalora", "pissa"])
+def test_variant_resume_is_exact(name, ws, tmp_path, monkeypatch):  # noqa: F811
+    """Ctrl-C at step 5 of 8, then --from_resume 1: the same adapter file as a straight run (AdaLoRA's
+    scores and masks travel in the resume file as hook state; PiSSA's residual base is recomputed)."""
+    from conftest import assert_bitwise_equal
+    from trainer import train_loop
+
+    argv = ["--lora_variant", name, "--max_steps", 8, "--adalora_tinit", 1, "--adalora_tfinal", 3]
+    straight, cut = with_base(ws, tmp_path, "straight"), with_base(ws, tmp_path, "cut")
+    quiet(train_lora.main, lora_argv(ws, straight, *argv))
+    real = train_loop.lr_at
+
+    def interrupt_at_5(step, *a):
+        if step == 5:
+            raise KeyboardInterrupt
+        return real(step, *a)
+
+    monkeypatch.setattr(train_loop, "lr_at", interrupt_at_5)
+    with pytest.raises(SystemExit):
+        quiet(train_lora.main, lora_argv(ws, cut, *argv))
+    monkeypatch.setattr(train_loop, "lr_at", real)
+    _, log = quiet(train_lora.main, lora_argv(ws, cut, *argv, "--from_resume", 1))
+    assert "at step 5/8" in log
+    assert_bitwise_equal(safe_load(straight / "lora_identity_64.pth")["adapter"],
+                         safe_load(cut / "lora_identity_64.pth")["adapter"])

@@ -148,10 +148,15 @@ class AdaLoRABudget(TrainHook):
                 v.lora_E.mul_(v.rank_mask)
 
     def state_dict(self) -> dict:
-        return {"ema": dict(self.ema), "unc": dict(self.unc)}
+        """The smoothed scores and each layer's mask (a buffer, so not among the trained tensors a resume keeps)."""
+        masks = {n: m.variants[self.name].rank_mask.detach().clone() for n, m in self.layers}
+        return {"ema": dict(self.ema), "unc": dict(self.unc), "masks": masks}
 
     def load_state_dict(self, d: dict) -> None:
         self.ema, self.unc = dict(d["ema"]), dict(d["unc"])
+        with torch.no_grad():
+            for n, m in self.layers:
+                m.variants[self.name].rank_mask.copy_(d["masks"][n])
 
 
 def hooks(model, name, args):
