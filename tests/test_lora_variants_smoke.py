@@ -105,3 +105,21 @@ def test_variant_resume_is_exact(name, ws, tmp_path, monkeypatch):  # noqa: F811
     assert "at step 5/8" in log
     assert_bitwise_equal(safe_load(straight / "lora_identity_64.pth")["adapter"],
                          safe_load(cut / "lora_identity_64.pth")["adapter"])
+
+
+def test_adapter_trained_over_another_needs_it(ws, tmp_path, capsys):  # noqa: F811
+    """--lora_over loads companions first; the new file records them and refuses to load alone."""
+    from model.common import TinyMindError
+
+    out = with_base(ws, tmp_path)
+    quiet(train_lora.main, lora_argv(ws, out, "--lora_variant", "dora", "--max_steps", 2, "--lora_name", "first"))
+    quiet(train_lora.main, lora_argv(ws, out, "--max_steps", 2, "--lora_name", "second", "--lora_over", "first"))
+    saved = safe_load(out / "second_64.pth")
+    assert [o["name"] for o in saved["trained_over"]] == ["first"]
+    model, _ = load_model(out / "full_sft_64.pth")
+    with pytest.raises(TinyMindError, match="trained on top of adapter 'first'"):
+        load_lora(model, out / "second_64.pth")
+    load_lora(model, out / "first_64.pth")
+    load_lora(model, out / "second_64.pth")
+    expect_user_error(capsys, train_lora.main, lora_argv(ws, out, "--max_steps", 2, "--lora_name", "third",
+                                                         "--lora_over", "nope"), "nope_64.pth")

@@ -16,6 +16,7 @@ CPU demo on the shipped data (run train_pretrain.py and train_sft.py first):
     python trainer/train_lora.py --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --use_rslora 1
     python trainer/train_lora.py --lora_variant dora --lora_name lora_identity_dora   # any of the LoRA family:
     python trainer/train_lora.py --help                            # lists the variants and each one's flags
+    python trainer/train_lora.py --lora_name lora_style --lora_over lora_medical   # on top of another adapter
     python eval_llm.py --weight full_sft --lora_weight lora_identity    # chat with it
 One GPU / several GPUs:
     python trainer/train_lora.py --device cuda --lora_name lora_medical --data_path dataset/lora_medical.jsonl
@@ -30,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import argparse
 
 from dataset.lm_dataset import SFTDataset, collate_batch
-from model.common import cleanup_distributed, run_main, setup_device
+from model.common import cleanup_distributed, find_checkpoint, run_main, setup_device
 from model.lora_variants import TrainSetup, add_variant_args, config_from_args, get_variant
-from model.model_lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, save_lora
+from model.model_lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, load_lora, save_lora
 from model.tokenizer import load_tokenizer
 from trainer.resume import run_key, seed_everything, split_dataset
 from trainer.train_loop import finish_run, train_loop
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default: {DEFAULT_TARGETS})")
     p.add_argument("--use_rslora", type=int, default=0, choices=[0, 1],
                    help="1: rsLoRA scaling alpha / sqrt(r), stable across ranks (default: 0)")
+    p.add_argument("--lora_over", default="",
+                   help="LoRA name(s), comma-separated, loaded first (frozen, active): the new adapter is trained "
+                        "on top of them and its file will refuse to load without them (default: none)")
     add_variant_args(p)
     return p
 
@@ -77,6 +81,9 @@ def main(argv=None):
         dataset = SFTDataset(data_path, tok, args.max_seq_len, skip_bad_lines=bool(args.skip_bad_lines))
         train_set, val_set = split_dataset(dataset, args.val_ratio, args.seed)
 
+        for name in [n.strip() for n in args.lora_over.split(",") if n.strip()]:   # companions, frozen
+            load_lora(model, find_checkpoint(args.save_dir, name, config.hidden_size, what="--lora_over file"),
+                      adapter_name=name)
         seed_everything(args.seed)  # the same A initialisation on every rank
         variant = get_variant(args.lora_variant)
         lora_cfg = config_from_args(args, LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha,
@@ -104,7 +111,7 @@ def main(argv=None):
         metrics = train_loop(
             model, train_set, val_set, collate_batch, tc, ctx, files, save_weights=save_weights,
             run={**run_key(args, "lora", ctx, "from_weight", "lora_name", "lora_rank", "lora_alpha",
-                           "lora_dropout", "lora_targets", "use_rslora", "lora_variant"),
+                           "lora_dropout", "lora_targets", "use_rslora", "lora_variant", "lora_over"),
                  "lora_options": repr(sorted(lora_cfg.options.items()))},
             resume=bool(args.from_resume),
             hooks=variant.hooks(model, args.lora_name, args) if variant.hooks is not None else (),
