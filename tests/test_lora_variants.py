@@ -276,6 +276,30 @@ def test_dora_cannot_be_combined_by_concatenation():
         combine_adapters(model, ["default"], [1.0], "mix")
 
 
+def test_dora_with_dropout_feeds_the_base_term_the_dropped_input():
+    """y = Wx + (m/n − 1) ⊙ W·drop(x) + (m/n) ⊙ s·B(A·drop(x)), one dropout mask for both terms."""
+    from model.model_lora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 12, bias=False))
+    layer.add_adapter("d", LoRAConfig(rank=4, alpha=6.0, dropout=0.5, variant="dora"))
+    layer.active = ("d",)
+    with torch.no_grad():
+        layer.lora_B["d"].normal_(std=0.1)
+        layer.variants["d"].magnitude.mul_(1.3)
+    layer.train()
+    x = torch.randn(3, 16)
+    torch.manual_seed(1)
+    y = layer(x)
+    torch.manual_seed(1)
+    h = layer.lora_dropout["d"](x)
+    W, A, B = layer.base.weight, layer.lora_A["d"], layer.lora_B["d"]
+    n = (W + 1.5 * B @ A).norm(dim=1)
+    scale = layer.variants["d"].magnitude / n
+    want = x @ W.t() + (scale - 1) * (h @ W.t()) + scale * (1.5 * h @ A.t() @ B.t())
+    torch.testing.assert_close(y, want, rtol=0, atol=1e-6)
+
+
 def test_vera_trainable_count_and_shared_matrices():
     model = make_model()
     info = apply_lora(model, LoRAConfig(rank=16, variant="vera", options=OPTIONS["vera"]))
