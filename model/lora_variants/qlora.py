@@ -38,8 +38,9 @@ DQ_BLOCK = 256   # absmaxes per block of the second quantisation
 
 
 def quantize_nf4(w: torch.Tensor, block_size: int = 64, double_quant: bool = False) -> dict[str, torch.Tensor]:
-    """w (any shape, numel a multiple of 2 * ...) -> {"packed": uint8 [numel/2], "absmax": fp32 [blocks]} or,
-    with double quantisation, {"packed", "absmax_q": int8 [blocks], "absmax_scale": fp32, "absmax_mean": fp32}."""
+    """w (any shape; the flat values are padded with zeros to whole blocks) -> {"packed": uint8 [numel/2],
+    "absmax": fp32 [blocks]} or, with double quantisation, {"packed", "absmax_q": int8 [blocks],
+    "absmax_scale": fp32 [blocks/256], "absmax_mean": fp32 []}."""
     flat = w.detach().float().reshape(-1)
     pad = (-flat.numel()) % block_size
     blocks = F.pad(flat, (0, pad)).view(-1, block_size)               # [n_blocks, block]
