@@ -113,7 +113,7 @@ def bench_lora_step(ctx):
     ctx.memo[("full_step", ctx.preset)] = times["full"]  # reused by the `train` measurement
     full, lo = med(times["full"]), med(times["lora"])
     what = f"LoRA step vs full FT step ({ctx.preset}, r={a.lora_rank} {a.lora_targets}, batch {ctx.shape})"
-    rows = [row("lora_step", what, full / lo, f"{full / lo:.2f}x faster ({full:.3f} s vs {lo:.3f} s)", "x")]
+    rows = [row("lora_step", what, full / lo, f"{full / lo:.2f}x faster (LoRA {lo:.3f} s vs full {full:.3f} s)", "x")]
     details = {"preset": ctx.preset, "batch": [ctx.batch_size, ctx.seq_len], "full_s": times["full"],
                "lora_s": times["lora"], "trainable": info["trainable"], "total": info["total"]}
     return rows, details
@@ -182,7 +182,7 @@ def bench_lora_memory(ctx):
     ratio, ratio_extra = used["lora"] / used["full"], extra["lora"] / max(extra["full"], 1e-9)
     how = "max allocated" if ctx.device.type == "cuda" else "peak RSS above the runtime"
     what = f"LoRA peak memory vs full FT ({ctx.preset}, batch {ctx.shape}, {how})"
-    rows = [row("lora_memory", what, ratio, f"{ratio:.2f}x ({used['lora']:.0f} MB vs {used['full']:.0f} MB; "
+    rows = [row("lora_memory", what, ratio, f"{ratio:.2f}x (LoRA {used['lora']:.0f} MB vs full {used['full']:.0f} MB; "
                 f"{ratio_extra:.2f}x without the weights)", "x")]
     details = {"full": full, "lora": lora, "used_mb": used, "above_weights_mb": extra,
                "ratio_above_weights": ratio_extra, "ratio_raw_peak": lora["peak_mb"] / full["peak_mb"],
@@ -221,7 +221,7 @@ def bench_forward(ctx, variant):
     b, v = med(times["base"]), med(times[variant])
     a = ctx.args
     what = f"{variant}-LoRA forward vs base ({ctx.preset}, r={a.lora_rank} {a.lora_targets}, batch {ctx.shape})"
-    rows = [row(f"{variant}_forward", what, v / b, f"{v / b:.3f}x ({v * 1e3:.1f} ms vs {b * 1e3:.1f} ms)", "x")]
+    rows = [row(f"{variant}_forward", what, v / b, f"{v / b:.3f}x ({variant} {v * 1e3:.1f} ms vs base {b * 1e3:.1f} ms)", "x")]
     return rows, {"base_s": times["base"], f"{variant}_s": times[variant], "merged_vs_unmerged_max_abs_diff": diff}
 
 
@@ -251,7 +251,7 @@ def bench_kv_cache(ctx):
     uncached, cached = ctx.clock() - t0, med(times)
     what = f"greedy decode, KV cache vs none ({ctx.preset}, batch 1, {ctx.new_tokens} new tokens)"
     rows = [row("kv_cache", what, uncached / cached,
-                f"{uncached / cached:.1f}x faster ({uncached:.2f} s vs {cached:.2f} s)", "x")]
+                f"{uncached / cached:.1f}x faster (cached {cached:.2f} s vs uncached {uncached:.2f} s)", "x")]
     return rows, {"cached_s": times, "uncached_s": [uncached], "uncached_runs": 1,
                   "tokens_identical": bool(torch.equal(tokens, plain))}
 
