@@ -8,7 +8,9 @@ What this file implements:
   commands /reset /adapter /help /exit), ``--prompt "..."`` (answer once and exit), prompts piped on
   stdin (one reply line per input line, for scripts), and ``--mode auto`` (built-in demo prompts);
 - the ChatML prompt for SFT/merged checkpoints, plain continuation for a "pretrain" checkpoint;
-- keeping the prompt inside the context window: the oldest history turns are dropped first.
+- keeping the prompt inside the context window: the oldest history turns are dropped first;
+- ``prompt_ids`` and ``generate_reply``, the prompt and generation steps on their own, which
+  ``scripts/serve_openai_api.py`` shares so that the API answers exactly as this CLI does.
 
 Examples (CPU; add --device cuda on a GPU, where the dtype defaults to bf16/fp16):
     python eval_llm.py --weight full_sft                                  # interactive chat
@@ -85,6 +87,74 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def prompt_ids(tok, messages: list, chat: bool, ctx: int, max_new_tokens: int) -> list:
+    """Token ids of the prompt for ``messages`` (dicts with role/content; an optional system turn first).
+
+    A chat checkpoint gets the ChatML conversation; while prompt + reply would not fit the context of
+    ``ctx`` tokens, the oldest turn (a message and the replies up to the next user message) is dropped;
+    the system turn and the last message always stay. A "pretrain" checkpoint (``chat=False``) continues
+    the last message's text. A prompt that still fills the context is a TinyMindError.
+    """
+    if not chat:  # pretraining documents start with <|im_start|> (bos), so the prompt does too
+        ids = [tok.bos_id] + tok.encode(messages[-1]["content"])
+    else:
+        head = messages[:1] if len(messages) > 1 and messages[0]["role"] == "system" else []
+        history = messages[len(head):-1]
+        last = messages[-1:]
+        while True:
+            ids = tok.encode(tok.apply_chat_template(head + history + last, add_generation_prompt=True))
+            if not history or len(ids) + max_new_tokens <= ctx:
+                break
+            # drop the oldest turn: its first message and everything up to the next user message
+            cut = next((i for i, m in enumerate(history) if i > 0 and m["role"] == "user"), len(history))
+            history = history[cut:]
+    if len(ids) >= ctx:
+        raise TinyMindError(f"the prompt is {len(ids)} tokens but the model's context is {ctx} "
+                            "(max_position_embeddings): shorten it")
+    return ids
+
+
+def generate_reply(model, tok, ids: list, max_new_tokens: int, temperature: float = 0.7, top_p: float = 0.9,
+                   top_k: int = 0, repetition_penalty: float = 1.0, seed=None, on_text=None):
+    """Generate the reply to prompt ``ids``. Returns (reply text, new token ids, seconds).
+
+    ``on_text(piece)`` receives the reply as it grows, one piece per token that completes text; the
+    pieces join to exactly the returned reply. ``seed`` re-seeds torch first (a reproducible reply).
+    """
+    ctx = model.config.max_position_embeddings
+    if seed is not None:
+        torch.manual_seed(seed)
+    new, shown = [], ""
+
+    def on_token(token_ids):  # (B,) = (1,): called once per generated token
+        nonlocal shown
+        new.append(int(token_ids[0]))
+        if on_text is None:
+            return
+        # Decode the whole reply so far and hand on the new suffix: a character whose UTF-8 bytes are
+        # split over several tokens decodes to U+FFFD until its last byte arrives, so wait for it.
+        so_far = tok.decode(new)
+        if so_far.endswith("\ufffd") or not so_far.startswith(shown) or so_far == shown:
+            return
+        on_text(so_far[len(shown):])
+        shown = so_far
+
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids], dtype=torch.long, device=device),
+            max_new_tokens=min(max_new_tokens, ctx - len(ids)),
+            temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, eos_token_id=tok.eos_id, streamer=on_token)
+    seconds = time.perf_counter() - t0
+    new_ids = out[0, len(ids):].tolist()
+    reply = tok.decode(new_ids).rstrip("\ufffd")  # a character cut by max_new_tokens is dropped
+    if on_text is not None and reply.startswith(shown) and reply != shown:
+        on_text(reply[len(shown):])  # whatever the last tokens completed
+    return reply, new_ids, seconds
+
+
 class Session:
     """A loaded model + tokenizer + the chat state (history, active adapters)."""
 
@@ -110,7 +180,7 @@ class Session:
         stage = ckpt.get("stage") or ("pretrain" if args.weight.startswith("pretrain") else "sft")
         self.chat = stage != "pretrain"
         self.ctx = cfg.max_position_embeddings
-        self.adapters = [n.strip() for n in (args.lora_weight or "").split(",") if n.strip()]
+        self.adapters = self.adapter_names(repo_path(args.save_dir))
         for name in self.adapters:
             lora_path = find_checkpoint(args.save_dir, name, cfg.hidden_size, what="LoRA file")
             load_lora(self.model, lora_path, adapter_name=name)
@@ -126,60 +196,32 @@ class Session:
               f"hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {self.device} {str(dtype)[6:]}{lora}",
               file=sys.stderr)
 
+    def adapter_names(self, save_dir: Path) -> list:
+        """The LoRA names to load (--lora_weight); called with the base model loaded, still in fp32."""
+        return [n.strip() for n in (self.args.lora_weight or "").split(",") if n.strip()]
+
     def prompt_ids(self, text: str) -> list:
-        """Token ids of the prompt; drops the oldest history turns until prompt + reply fit the context."""
-        if not self.chat:  # pretraining documents start with <|im_start|> (bos), so the prompt does too
-            ids = [self.tok.bos_id] + self.tok.encode(text)
-        else:
-            turns = self.history[-self.args.history:] if self.args.history > 0 else []
-            while True:
-                msgs = [{"role": "system", "content": self.args.system}] if self.args.system else []
-                for user, assistant in turns:
-                    msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-                msgs.append({"role": "user", "content": text})
-                ids = self.tok.encode(self.tok.apply_chat_template(msgs, add_generation_prompt=True))
-                if not turns or len(ids) + self.args.max_new_tokens <= self.ctx:
-                    break
-                turns = turns[1:]
-        if len(ids) >= self.ctx:
-            raise TinyMindError(f"the prompt is {len(ids)} tokens but the model's context is {self.ctx} "
-                                "(max_position_embeddings): shorten it")
-        return ids
+        """Token ids of the prompt: the system prompt, the kept history turns and ``text``."""
+        turns = self.history[-self.args.history:] if self.args.history > 0 else []
+        msgs = [{"role": "system", "content": self.args.system}] if self.args.system else []
+        for user, assistant in turns:
+            msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        msgs.append({"role": "user", "content": text})
+        return prompt_ids(self.tok, msgs, self.chat, self.ctx, self.args.max_new_tokens)
 
     def answer(self, text: str, stream=None):
         """Generate one reply; print it to `stream` as it grows. Returns (reply, new tokens, seconds)."""
         ids = self.prompt_ids(text)
-        if self.args.seed is not None:
-            torch.manual_seed(self.args.seed)
-        new, shown = [], ""
 
-        def on_token(token_ids):  # (B,) = (1,): called once per generated token
-            nonlocal shown
-            new.append(int(token_ids[0]))
-            if stream is None:
-                return
-            # Decode the whole reply so far and print the new suffix: a character whose UTF-8 bytes are
-            # split over several tokens decodes to U+FFFD until its last byte arrives, so wait for it.
-            so_far = self.tok.decode(new)
-            if so_far.endswith("\ufffd") or not so_far.startswith(shown):
-                return
-            stream.write(so_far[len(shown):])
+        def write(piece: str):
+            stream.write(piece)
             stream.flush()
-            shown = so_far
 
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            out = self.model.generate(
-                torch.tensor([ids], dtype=torch.long, device=self.device),
-                max_new_tokens=min(self.args.max_new_tokens, self.ctx - len(ids)),
-                temperature=self.args.temperature, top_k=self.args.top_k, top_p=self.args.top_p,
-                repetition_penalty=self.args.repetition_penalty, eos_token_id=self.tok.eos_id, streamer=on_token)
-        seconds = time.perf_counter() - t0
-        new_ids = out[0, len(ids):].tolist()
-        reply = self.tok.decode(new_ids).rstrip("\ufffd")  # a character cut by max_new_tokens is dropped
-        if stream is not None and reply.startswith(shown):
-            stream.write(reply[len(shown):])  # whatever the last tokens completed
-            stream.flush()
+        a = self.args
+        reply, new_ids, seconds = generate_reply(
+            self.model, self.tok, ids, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+            top_p=a.top_p, top_k=a.top_k, repetition_penalty=a.repetition_penalty, seed=a.seed,
+            on_text=None if stream is None else write)
         return reply, len(new_ids), seconds
 
     def switch_adapter(self, arg: str) -> str:

@@ -11,7 +11,8 @@
   interrupted write never destroys the previous good file.
 - ``safe_load``: every checkpoint we read goes through ``torch.load(..., weights_only=True)``, which
   refuses pickles that run code.
-- ``find_checkpoint``: the one rule that turns (save_dir, name, hidden size or none) into a file.
+- ``find_checkpoint``: the one rule that turns (save_dir, name, hidden size or none) into a file;
+  ``checkpoint_names`` lists the names it would find for one hidden size.
 - ``setup_device`` / ``DeviceContext``: the one rule that picks the device (cuda -> mps -> cpu), the
   autocast dtype and DDP, used by every script.
 """
@@ -122,6 +123,16 @@ def find_checkpoint(save_dir, name: str, hidden_size: int | None = None, what: s
         return None
     have = sorted(p.stem for p in save_dir.glob("*.pth") if not p.stem.endswith("_resume")) if save_dir.is_dir() else []
     raise TinyMindError(f"{what} {path} not found; weights in {save_dir}: {', '.join(have) or 'none'}")
+
+
+def checkpoint_names(save_dir, hidden_size: int) -> list[str]:
+    """The names ``n`` that have a file ``{save_dir}/{n}_{hidden_size}.pth`` (resume files are not
+    checkpoints): the inverse of ``find_checkpoint``, e.g. to offer every LoRA file of one model size."""
+    save_dir = repo_path(save_dir)
+    suffix = f"_{hidden_size}.pth"
+    if not save_dir.is_dir():
+        return []
+    return sorted(p.name[: -len(suffix)] for p in save_dir.iterdir() if p.is_file() and p.name.endswith(suffix))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@
   in a folder (the training tests make one per module).
 - ``quiet``, ``snapshot``, ``assert_bitwise_equal``, ``expect_user_error``: helpers the training tests
   share (import them with ``from conftest import ...``).
+- ``trained_smoke`` (session): a smoke ``full_sft`` with two LoRA files trained on it by train_lora.py;
+  ``api_server`` (session): scripts/serve_openai_api.py serving it on a free port in a thread.
 """
 import contextlib
 import hashlib
@@ -108,3 +110,57 @@ def expect_user_error(capsys, main, argv, *needles):
     for n in needles:
         assert n in err[0], err[0]
     return err[0]
+
+
+# Persona and medical answers the smoke LoRAs learn by heart (a few dozen steps on a tiny random base).
+IDENTITY_ANSWER = "我是知微，由青禾实验室训练。"
+MEDICAL_ANSWER = "感冒请挂呼吸内科，多喝水。"
+IDENTITY_QUESTIONS = ["你是谁？", "你叫什么名字？", "介绍一下你自己", "谁开发了你？"]
+MEDICAL_QUESTIONS = ["感冒应该挂什么科？", "发烧了怎么办？", "咳嗽要看哪个科？", "头疼挂什么科？"]
+
+
+@pytest.fixture(scope="session")
+def trained_smoke(tmp_path_factory):
+    """A save_dir with a smoke ``full_sft`` (random weights, stage sft) and two LoRA files trained on it
+    by ``trainer/train_lora.py``: ``lora_identity`` answers every question with IDENTITY_ANSWER,
+    ``lora_medical`` with MEDICAL_ANSWER, while the base model answers with noise. About 10 s on CPU.
+    Returns (save_dir, tokenizer path)."""
+    from model.model import save_model
+    from trainer import train_lora
+
+    d = tmp_path_factory.mktemp("trained_smoke")
+    tok_path = ROOT / "model" / "tokenizer.json"
+    save_model(build_model(), d / "full_sft_64.pth", stage="sft", weight="full_sft")
+    for name, questions, answer in (("lora_identity", IDENTITY_QUESTIONS, IDENTITY_ANSWER),
+                                    ("lora_medical", MEDICAL_QUESTIONS, MEDICAL_ANSWER)):
+        rows = [{"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]}
+                for q in questions]
+        data = d / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows * 4), encoding="utf-8")
+        quiet(train_lora.main, ["--data_path", str(data), "--tokenizer_path", str(tok_path), "--save_dir", str(d),
+                                "--device", "cpu", "--lora_name", name, "--max_seq_len", "48", "--batch_size", "8",
+                                "--learning_rate", "1e-2", "--lora_rank", "8", "--lora_alpha", "16",
+                                "--max_steps", "60", "--epochs", "200", "--warmup_steps", "0", "--val_ratio", "0",
+                                "--eval_interval", "0", "--log_interval", "100"])
+    return d, tok_path
+
+
+@pytest.fixture(scope="session")
+def api_server(trained_smoke):
+    """scripts/serve_openai_api.py serving ``trained_smoke`` on 127.0.0.1:<free port> in a thread.
+    Yields (server, base url, log lines); the log list collects the server's one line per request."""
+    import threading
+
+    from scripts import serve_openai_api as S
+
+    d, tok_path = trained_smoke
+    lines = []
+    args = S.parse_args(["--save_dir", str(d), "--tokenizer_path", str(tok_path), "--device", "cpu", "--port", "0",
+                         "--max_request_bytes", "20000"])
+    server = S.make_server(args, log=lines.append)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    host, port = server.server_address[:2]
+    yield server, f"http://{host}:{port}", lines
+    server.shutdown()
+    server.server_close()
