@@ -442,8 +442,10 @@ def _check_base(core: nn.Module, obj: dict, path: Path):
     _require(core, "check a LoRA file against the base weights")
     fp = base_fingerprint(core)
     if fp != obj["base_fingerprint"]:
+        needs = (obj["lora_config"].get("options") or {}).get("base_weight")   # Delta-LoRA changed W as well
+        hint = f"; it belongs on the base it wrote beside it: --weight {needs}" if isinstance(needs, str) else ""
         raise TinyMindError(f"{path} was trained on other base weights (fingerprint {obj['base_fingerprint']} vs {fp}: "
-                            f"same config, another checkpoint); force=True loads it anyway")
+                            f"same config, another checkpoint){hint}; force=True loads it anyway")
 
 
 def load_lora(model: nn.Module, path, adapter_name: str | None = None, force: bool = False) -> str:
