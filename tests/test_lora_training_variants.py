@@ -20,14 +20,6 @@ from model.lora_variants.lora_pro import LoRAProHook, lora_pro_grads, solve_sylv
 CFG = dict(rank=4, alpha=12.0)   # scaling 3: alpha != r, so a forgotten s shows
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def lora_model(seed=0, **cfg):
     torch.manual_seed(seed)
     model = TinyMindForCausalLM(get_config("smoke"))

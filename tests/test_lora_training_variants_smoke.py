@@ -11,7 +11,7 @@ from model.common import TinyMindError, safe_load
 from model.model import TinyMindForCausalLM, get_config, load_model, save_model
 from model.model_lora import load_lora, lora_modules, merge_lora
 from model.tokenizer import load_tokenizer
-from test_trainer import expect_user_error, make_workspace, quiet
+from conftest import assert_bitwise_equal, expect_user_error, make_workspace, quiet
 from trainer import train_lora
 
 OURS = ("lora_fa", "delta_lora", "lora_drop")   # what tests/test_lora_variants_smoke.py does not check
@@ -110,11 +110,7 @@ def test_lora_fa_keeps_A_and_delta_lora_file_refuses_the_old_base(ws, tmp_path, 
 @pytest.mark.parametrize("variant", ["delta_lora", "lora_drop"])
 def test_resume_is_exact(ws, tmp_path, monkeypatch, variant):
     """Delta-LoRA resumes on the new base saved with the resume file; LoRA-drop redoes its (seeded) stage 1."""
-    from test_trainer import assert_bitwise_equal
-    try:
-        from trainer import train_loop as loop   # where the loop (and its lr_at) lives
-    except ImportError:
-        from trainer import trainer_utils as loop
+    from trainer import train_loop as loop
 
     extra = ["--max_steps", 6, "--save_interval", 3, "--delta_lora_start_step", 1, "--lora_drop_sample_ratio", 0.2]
     dirs = {}

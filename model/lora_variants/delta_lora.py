@@ -28,9 +28,9 @@ import torch.nn as nn
 
 from model.common import TinyMindError, safe_load
 from model.lora_variants import Variant, register
-from model.lora_variants.lora_fa import TrainHook
 from model.model import save_model, unwrap_model
 from model.model_lora import base_state_dict, lora_modules
+from trainer.train_loop import TrainHook
 
 
 def _trained(model: nn.Module):
