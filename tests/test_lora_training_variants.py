@@ -2,13 +2,14 @@
 LoRA-drop): model/lora_variants/{lora_plus,lora_fa,lora_pro,delta_lora,lora_drop}.py.
 
 Each test checks the variant's defining identity, so a wrong sign, a missing s^2 or an unshared Parameter fails.
-``run_steps`` drives the hooks in the order the training loop calls them.
+``run_steps`` takes its steps through the loop's own ``update_weights``, so the hooks run where they do in training.
 """
 import copy
 
 import pytest
 import torch
 
+from model.common import DeviceContext
 from model.model import TinyMindForCausalLM, get_config
 from model.model_lora import apply_lora, lora_modules, merge_lora, unmerge_lora
 from model.lora_variants.delta_lora import DeltaLoRAHook
@@ -16,6 +17,7 @@ from model.lora_variants.lora_drop import lora_output_scores, reset_adapter, sel
 from model.lora_variants.lora_fa import LoRAFAHook, freeze_lora_A, lora_fa_grad
 from model.lora_variants.lora_plus import make_loraplus_optimizer
 from model.lora_variants.lora_pro import LoRAProHook, lora_pro_grads, solve_sylvester_sym
+from trainer.train_loop import TrainHook, build_optimizer, set_lr, update_weights
 
 CFG = dict(rank=4, alpha=12.0)   # scaling 3: alpha != r, so a forgotten s shows
 
@@ -34,26 +36,16 @@ def batch(seed=0, B=2, T=12):
 
 
 def run_steps(model, n, hooks=(), make_optimizer=None, lr=1e-2, clip=1.0):
-    """The loop's order: backward -> after_backward -> clip -> step -> zero_grad -> after_optimizer_step."""
+    """n steps through the loop's own step function (backward, then hooks, clip, step, hooks, zero_grad)."""
     model.train()
-    make = make_optimizer or (lambda m, lr, wd: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad],
-                                                                   lr=lr, betas=(0.9, 0.95), weight_decay=wd))
-    opt = make(model, lr, 0.0)
+    opt = (make_optimizer or build_optimizer)(model, lr, 0.0)
+    ctx = DeviceContext(device=torch.device("cpu"))
     for h in hooks:
-        if hasattr(h, "on_train_start"):
-            h.on_train_start(model, opt, n)
+        h.on_train_start(model, opt, n)
     for step in range(1, n + 1):
         x, y = batch(step)
         model(x, labels=y).loss.backward()
-        for h in hooks:
-            if hasattr(h, "after_backward"):
-                h.after_backward(model, step)
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        for h in hooks:
-            if hasattr(h, "after_optimizer_step"):
-                h.after_optimizer_step(model, opt, step)
+        update_weights(model, opt, ctx, clip, hooks, step)
     return opt
 
 
@@ -103,8 +95,7 @@ def test_loraplus_step_equals_adamw_at_ratio_lr_on_B():
     model = lora_model()
     ref = copy.deepcopy(model)
     opt = make_loraplus_optimizer(16.0)(model, 1e-3, 0.0)
-    for g in opt.param_groups:                            # what the loop does with its schedule's lr (5e-4)
-        g["lr"] = 5e-4 * g["lr_scale"]
+    set_lr(opt, 5e-4)                                     # what the loop does with its schedule's lr
     x, y = batch()
     model(x, labels=y).loss.backward()
     ref(x, labels=y).loss.backward()
@@ -213,7 +204,7 @@ def test_delta_lora_telescopes_and_W_gets_no_grad_or_state():
     hook = DeltaLoRAHook(update_ratio=lam, start_step=K)
     snaps = {}
 
-    class Snap:   # records B_K A_K right after step K
+    class Snap(TrainHook):   # records B_K A_K right after step K
         def after_optimizer_step(self, model, optimizer, step):
             if step == K:
                 snaps.update({n: m.delta_weight("default") for n, m in lora_modules(model)})
