@@ -9,8 +9,8 @@ After every optimizer step t past the start step K (steps 1..K are plain LoRA):
 W gets no gradient and no optimizer state, so memory stays LoRA's while W changes in full rank. LoRA dropout
 must be 0 (the paper removes it: only then is B A's gradient the one W would get). Summed over the steps
 the updates telescope: W_T - W_K = lambda * s * (B_T A_T - B_K A_K). lambda = 0 is plain LoRA, bit for bit.
-Flags: ``--delta_lora_update_ratio`` (lambda) and ``--delta_lora_start_step`` (K); the defaults 2 and 500 are
-the paper's for GPT-2 on E2E, and TinyMind's short CPU runs need a much smaller K to see W move.
+Flags: ``--delta_lora_update_ratio`` (lambda) and ``--delta_lora_start_step`` (K); the defaults, lambda = 2
+and K = 500, are the paper's; TinyMind's short CPU runs need a much smaller K to see W move.
 
 Because W itself changes, every save writes the new base as a full checkpoint,
 ``{save_dir}/{lora_name}_delta_base_{hidden}.pth``, beside the adapter; the adapter's fingerprint is the one
