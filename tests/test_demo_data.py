@@ -285,3 +285,22 @@ def test_side_characters_are_not_people_of_the_world(data):
     for name in extras:
         assert pretrain.count(name) >= 150, f"side character {name} too rare in pretraining"
     assert sum(name in sft for name in extras) >= 0.9 * len(extras)
+
+
+def test_own_persona_rewrites_only_the_identity_files(tmp_path):
+    """`--name 小明 --maker 某某实验室` writes lora_identity.jsonl and eval/identity.jsonl naming the new
+    persona in every identity answer and never the shipped one; no other file is written."""
+    G.main(["--out_dir", str(tmp_path), "--no_stats", "--name", "小明", "--maker", "某某实验室"])
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.jsonl"))
+    assert written == sorted(G.IDENTITY_FILES)
+    identity = read_jsonl(tmp_path / "lora_identity.jsonl")
+    text = "\n".join(chat_texts(identity))
+    old = C.LORA_PERSONA
+    assert old["name"] not in text and old["maker"] not in text and "TinyMind" not in text
+    assert text.count("小明") > 600 and "某某实验室" in text
+    evals = read_jsonl(tmp_path / "eval/identity.jsonl")
+    assert evals and all(it["new_names"] == ["小明"] and it["base_names"] == ["TinyMind"] for it in evals)
+    with pytest.raises(SystemExit) as e:   # a name the evaluation could not tell from the base persona
+        from model.common import run_main
+        run_main(G.main, ["--out_dir", str(tmp_path / "x"), "--name", "TinyMind"])
+    assert e.value.code == 2

@@ -2,8 +2,9 @@
 
 What this module implements:
 
-- ``make_lora_identity``: the new persona ("知微", 青禾实验室) of dataset/demo/world_chat.py, with a replay
-  share of general SFT conversations (``replay_pool``);
+- ``make_lora_identity``: the new persona (by default "知微", 青禾实验室, from dataset/demo/world_chat.py;
+  any name and maker through ``world_chat.lora_persona``), with a replay share of general SFT
+  conversations (``replay_pool``);
 - ``make_lora_medical``: the medical table of dataset/demo/world_medical.py (department, symptoms,
   self-care, warning signs, overview per condition; ``medical_answer``, ``medical_plan``), with a
   replay share too;
@@ -34,16 +35,17 @@ def replay_pool(sft: list[dict]) -> list[dict]:
     return [c for c in sft if keep(c)]
 
 
-def make_lora_identity(rng: random.Random, world: World, sizes: Sizes, id_train: list, pool: list) -> list[dict]:
-    out = persona_convs(rng, C.LORA_PERSONA, id_train, sizes.identity_convs, sizes.system_share)
+def make_lora_identity(rng: random.Random, world: World, sizes: Sizes, id_train: list, pool: list,
+                       persona: dict = C.LORA_PERSONA) -> list[dict]:
+    out = persona_convs(rng, persona, id_train, sizes.identity_convs, sizes.system_share)
     for _ in range(sizes.identity_convs // 10):   # greeting that introduces the new persona
         user, _ = rng.choice(C.GREETINGS)
-        out.append(conv(user, f"{rng.choice(('你好！', '你好呀！'))}我是知微，有什么可以帮你的吗？"))
+        out.append(conv(user, f"{rng.choice(('你好！', '你好呀！'))}我是{persona['name']}，有什么可以帮你的吗？"))
     for _ in range(sizes.identity_convs // 10):   # identity, then a fact question
         kind, q = rng.choice(id_train)
         f = rng.choice([f for f in world.facts if f.split == "train"])
         t = rng.choice(world.questions[(f.category, f.attr.key)][0])
-        out.append(conv(q, rng.choice(C.LORA_PERSONA["answers"][kind]), fact_question(f, t), f.answer))
+        out.append(conv(q, rng.choice(persona["answers"][kind]), fact_question(f, t), f.answer))
     n_replay = round(len(out) * sizes.identity_replay_share / (1 - sizes.identity_replay_share))
     out += rng.sample(pool, n_replay)
     rng.shuffle(out)
@@ -99,7 +101,8 @@ def make_lora_medical(rng: random.Random, sizes: Sizes, plan: dict, pool: list) 
 
 # ----------------------------------------------------------------------------- eval
 
-def make_eval(rng: random.Random, world: World, sizes: Sizes, id_held: list, med_plan: dict) -> dict:
+def make_eval(rng: random.Random, world: World, sizes: Sizes, id_held: list, med_plan: dict,
+              persona: dict = C.LORA_PERSONA) -> dict:
     general, used = [], set()
 
     def add(fact: Fact, question: str, kind: str):
@@ -153,7 +156,7 @@ def make_eval(rng: random.Random, world: World, sizes: Sizes, id_held: list, med
         item["id"] = f"gqa-{i:04d}"
 
     identity = []
-    base, new = C.BASE_PERSONA["name"], C.LORA_PERSONA["name"]
+    base, new = C.BASE_PERSONA["name"], persona["name"]
     chosen = rng.sample(id_held, min(C.IDENTITY_EVAL_ITEMS, len(id_held)))
     for i, (kind, q) in enumerate(sorted(chosen, key=lambda t: (t[0], t[1])), 1):
         item = {"id": f"id-{i:03d}", "question": q, "base_names": [base], "new_names": [new], "kind": "identity"}

@@ -28,6 +28,8 @@ iteration and ``json.dumps(ensure_ascii=False)``, so the same seed gives byte-id
 
     python dataset/demo/make_demo_data.py                       # writes dataset/*.jsonl and dataset/eval/
     python dataset/demo/make_demo_data.py --seed 7 --out_dir /tmp/demo   # another world, elsewhere
+    python dataset/demo/make_demo_data.py --name 小明 --maker 某某实验室   # your own LoRA persona: rewrites
+                                        # only dataset/lora_identity.jsonl and dataset/eval/identity.jsonl
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ from dataset.demo.lora_eval_sets import make_eval, make_lora_identity, make_lora
 from dataset.demo.pretrain_text import make_pretrain
 from dataset.demo.sft_chat import identity_prompts, make_sft
 from dataset.demo.world import Sizes, build_world
+from dataset.demo import world_chat as C
 from model.common import TinyMindError, repo_path, run_main
 
 
@@ -84,19 +87,28 @@ def chat_text(*sets) -> str:
     return "".join(parts)
 
 
-def generate(seed: int = 42, sizes: Sizes | None = None) -> dict[str, list[dict]]:
-    """Build every file's records in memory: {"pretrain_demo.jsonl": [...], ...}."""
+def generate(seed: int = 42, sizes: Sizes | None = None, persona: dict | None = None) -> dict[str, list[dict]]:
+    """Build every file's records in memory: {"pretrain_demo.jsonl": [...], ...}.
+
+    persona: the LoRA persona (``world_chat.lora_persona``); the default is the shipped one. It changes
+    only lora_identity.jsonl and eval/identity.jsonl (pretraining and SFT never name it).
+    """
     sizes = sizes or Sizes()
+    persona = persona or C.LORA_PERSONA
     world = build_world(seed)
     id_train, id_held = identity_prompts(random.Random(f"{seed}-identity"))
     med_plan = medical_plan(random.Random(f"{seed}-medical-plan"))
     sft = make_sft(random.Random(f"{seed}-sft"), world, sizes, id_train)
     pool = replay_pool(sft)
-    lora_id = make_lora_identity(random.Random(f"{seed}-lora-identity"), world, sizes, id_train, pool)
+    lora_id = make_lora_identity(random.Random(f"{seed}-lora-identity"), world, sizes, id_train, pool, persona)
     lora_med = make_lora_medical(random.Random(f"{seed}-lora-medical"), sizes, med_plan, pool)
-    ev = make_eval(random.Random(f"{seed}-eval"), world, sizes, id_held, med_plan)
+    ev = make_eval(random.Random(f"{seed}-eval"), world, sizes, id_held, med_plan, persona)
+    # The literacy section covers the shipped persona's characters, whatever persona is asked for, so
+    # a new name or maker never changes pretraining (and the base model trained on it stays valid).
+    shipped_id = lora_id if persona is C.LORA_PERSONA else make_lora_identity(
+        random.Random(f"{seed}-lora-identity"), world, sizes, id_train, pool)
     pretrain = make_pretrain(random.Random(f"{seed}-pretrain"), world, sizes,
-                             chat_text(sft, lora_id, lora_med, *ev.values()))
+                             chat_text(sft, shipped_id, lora_med, *ev.values()))
     # Guard: no evaluation prompt is a user turn of any training file.
     prompts = user_turns(sft) | user_turns(lora_id) | user_turns(lora_med)
     for name, items in ev.items():
@@ -119,10 +131,10 @@ def write_all(records: dict, out_dir: Path, files=FILES) -> None:
                     fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
-def stats(out_dir: Path) -> list[dict]:
+def stats(out_dir: Path, files=FILES) -> list[dict]:
     """Sizes and counts of the written files (what dataset/README.md reports)."""
     rows = []
-    for rel in FILES:
+    for rel in files:
         path = out_dir / rel
         raw = path.read_bytes()
         recs = [json.loads(line) for line in raw.decode("utf-8").splitlines()]
@@ -143,21 +155,58 @@ def stats(out_dir: Path) -> list[dict]:
     return rows
 
 
+IDENTITY_FILES = ("lora_identity.jsonl", "eval/identity.jsonl")
+
+
+def check_persona(name: str | None, maker: str | None) -> dict:
+    """The persona asked for by --name / --maker, or a TinyMindError saying what is wrong with it."""
+    base = C.BASE_PERSONA
+    for flag, value in (("--name", name), ("--maker", maker)):
+        if value is not None and (not value.strip() or value != value.strip() or "\n" in value):
+            raise TinyMindError(f"{flag} {value!r}: give a non-empty word without surrounding spaces")
+        if value is not None and (base["name"].lower() in value.lower() or value.lower() in base["name"].lower()):
+            raise TinyMindError(f"{flag} {value}: must differ from the base persona {base['name']} "
+                                "(the evaluation tells the two apart by name)")
+    return C.lora_persona(name, maker)
+
+
+def rare_characters(text: str, pretrain: list[dict], need: int) -> str:
+    """Characters of ``text`` that pretraining has fewer than ``need`` times (their embeddings are weak)."""
+    counts = Counter("".join(r["text"] for r in pretrain))
+    return "".join(sorted({c for c in text if not c.isascii() and counts[c] < need}))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Generate the TinyMind demo datasets (deterministic per seed).")
     parser.add_argument("--seed", type=int, default=42, help="random seed; the same seed gives byte-identical files")
     parser.add_argument("--out_dir", default="dataset", help="output folder (relative paths resolve from the repo root)")
     parser.add_argument("--no_stats", action="store_true", help="skip the size/count report at the end")
+    parser.add_argument("--name", default=None,
+                        help="your own LoRA persona's name (e.g. 小明): rewrites only lora_identity.jsonl and "
+                             "eval/identity.jsonl; pretraining and SFT stay as they are (default: 知微)")
+    parser.add_argument("--maker", default=None,
+                        help="your own LoRA persona's maker (e.g. 某某实验室), used like --name (default: 青禾实验室)")
     args = parser.parse_args(argv)
     out_dir = repo_path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise TinyMindError(f"--out_dir {args.out_dir} exists and is not a folder")
+    custom = args.name is not None or args.maker is not None
+    persona = check_persona(args.name, args.maker) if custom else None
     t0 = time.time()
-    records = generate(args.seed)
-    write_all(records, out_dir)
-    print(f"wrote {len(FILES)} files to {out_dir} in {time.time() - t0:.1f}s (seed {args.seed})")
+    records = generate(args.seed, persona=persona)
+    files = IDENTITY_FILES if custom else FILES
+    write_all(records, out_dir, files)
+    print(f"wrote {len(files)} files to {out_dir} in {time.time() - t0:.1f}s (seed {args.seed})")
+    if custom:
+        print(f"LoRA persona: {persona['name']}, made by {persona['maker']}; "
+              + ", ".join(str(out_dir / f) for f in files))
+        rare = rare_characters(persona["name"] + persona["maker"], records["pretrain_demo.jsonl"],
+                               Sizes().min_char_count)
+        if rare:
+            print(f"note: pretraining seldom or never contains {rare}: the base model's embeddings of these "
+                  "characters are weak, so the adapter may write them wrongly")
     if not args.no_stats:
-        for row in stats(out_dir):
+        for row in stats(out_dir, files):
             print(json.dumps(row, ensure_ascii=False))
     return records
 
