@@ -76,11 +76,27 @@ def test_bad_eval_file_is_one_clear_error(tmp_path):
         E.load_eval_sets(tmp_path / "empty")
 
 
-FAST = {"pretrain": ["--preset", "smoke", "--max_steps", "3", "--batch_size", "4", "--max_seq_len", "64"],
+FAST = {"pretrain": ["--max_steps", "3", "--batch_size", "4", "--max_seq_len", "64"],
         "sft": ["--max_steps", "3", "--batch_size", "4", "--max_seq_len", "64"],
         "lora_identity": ["--max_steps", "2", "--batch_size", "4", "--max_seq_len", "64", "--lora_rank", "2"],
         "lora_medical": ["--max_steps", "2", "--batch_size", "4", "--max_seq_len", "64", "--lora_rank", "2"],
         "eval": ["--limit", "4", "--max_new_tokens", "4"]}
+
+
+def test_tiny_stages_are_the_scripts_defaults(tmp_path):
+    """For `tiny` the pipeline passes file names only, so each script run alone trains the same model."""
+    import argparse
+    from trainer import train_lora, train_pretrain, train_sft
+    parsers = {"pretrain": train_pretrain.build_parser, "sft": train_sft.build_parser,
+               "lora_identity": train_lora.build_parser, "lora_medical": train_lora.build_parser}
+    args = argparse.Namespace(save_dir=tmp_path, device="auto", seed=None, preset="tiny")
+    for stage, build in parsers.items():
+        cmd, _ = P.stage_command(stage, P.STAGES["tiny"][stage], args, 192)
+        via_pipeline = vars(build().parse_args(cmd[1:]))
+        alone = vars(build().parse_args(["--data_path", f"dataset/{stage}.jsonl", "--lora_name", stage]
+                                        if stage.startswith("lora_") else []))
+        differ = {k for k in alone if alone[k] != via_pipeline[k]}
+        assert differ <= {"save_dir", "device", "hidden_size"}, (stage, differ)
 
 
 def test_pipeline_end_to_end_and_resume_of_an_interrupted_stage(tmp_path, monkeypatch, capsys):

@@ -6,7 +6,8 @@ What this file implements:
   to right (and, for an adapter, whether a question the base model knew is still answered).
 - ``DEMO_PROMPTS``: the prompts watched on the shipped demo files (taken from dataset/eval/, so never
   trained on; tests/test_watch.py checks that none is a training prompt).
-- ``watch_prompts``: turns ``--watch_prompts`` into the list of prompt token ids a run watches.
+- ``add_watch_flag`` / ``watch_prompts``: the ``--watch_prompts`` flag, and the prompts it names as
+  token ids.
 
     --watch_prompts auto                      # the default: DEMO_PROMPTS for a shipped file, otherwise
                                               # the first user turn of two held-out validation samples
@@ -30,6 +31,15 @@ DEMO_PROMPTS = {
     "lora_medical.jsonl": ("看感冒应该挂哪个科室？", "中耳炎的症状是什么？", "你知道元宵节的传统食物吗？"),
 }
 MAX_NEW_TOKENS = 40  # the demo answers are one short sentence
+
+
+def add_watch_flag(parser) -> None:
+    """``--watch_prompts`` for train_sft.py and train_lora.py."""
+    parser.add_argument("--watch_prompts", default="auto",
+                        help="prompts whose greedy replies are printed before training and at every validation "
+                             "pass: 'auto' (fixed held-out questions for the shipped demo files, otherwise two "
+                             "held-out validation prompts), 'none', or your own prompts separated by | "
+                             "(default: auto)")
 
 
 def watch_prompts(flag: str, data_path, tok, val_set=None, n_from_val: int = 2) -> list[tuple[str, list[int]]]:

@@ -41,30 +41,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from anywher
 import argparse
 import gzip
 import json
-import os
 import random
 import re
 import time
 from collections import Counter
-from contextlib import contextmanager
 
 from dataset.demo.lora_eval_sets import make_eval, make_lora_identity, make_lora_medical, medical_plan, replay_pool
 from dataset.demo.pretrain_text import make_pretrain
 from dataset.demo.sft_chat import identity_prompts, make_sft
 from dataset.demo.world import Sizes, build_world
 from dataset.demo import world_chat as C
-from model.common import TinyMindError, repo_path, run_main
-
-
-@contextmanager
-def atomic_write(path: Path):
-    """Yield a temporary path beside ``path`` and rename it over ``path`` on success."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+from model.common import TinyMindError, atomic_write_text, repo_path, run_main
 
 FILES = ("pretrain_demo.jsonl", "sft_demo.jsonl", "lora_identity.jsonl", "lora_medical.jsonl",
          "eval/general_qa.jsonl", "eval/identity.jsonl", "eval/medical_qa.jsonl")
@@ -123,12 +110,8 @@ def generate(seed: int = 42, sizes: Sizes | None = None, persona: dict | None = 
 def write_all(records: dict, out_dir: Path, files=FILES) -> None:
     """Write ``files`` (paths relative to ``out_dir``), each atomically: a crash leaves the old file."""
     for rel in files:
-        path = out_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path) as tmp:
-            with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-                for rec in records[rel]:
-                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        text = "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records[rel])
+        atomic_write_text(out_dir / rel, text)
 
 
 def stats(out_dir: Path, files=FILES) -> list[dict]:
