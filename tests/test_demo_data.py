@@ -304,3 +304,17 @@ def test_own_persona_rewrites_only_the_identity_files(tmp_path):
         from model.common import run_main
         run_main(G.main, ["--out_dir", str(tmp_path / "x"), "--name", "TinyMind"])
     assert e.value.code == 2
+
+
+def test_novel_medical_phrasings_are_not_the_generators(data):
+    """dataset/eval_novel/medical_qa.jsonl: hand-written question shapes that no template of
+    dataset/demo/world_medical.py produces and no training file contains (a check that the medical
+    score is not tied to the generator's phrasings)."""
+    items = read_jsonl(SHIPPED / "eval_novel/medical_qa.jsonl")
+    generated = {t.format(c=c) for ts in M.QUESTIONS.values() for t in ts for c in M.CONDITIONS}
+    prompts = user_turns(data["sft_demo.jsonl"]) | user_turns(data["lora_medical.jsonl"])
+    assert len(items) == 2 * len(M.CONDITIONS)
+    for it in items:
+        assert it["question"] not in generated and it["question"] not in prompts, it["question"]
+        assert it["answers"] and all(a in M.CONDITIONS[c][0] + "".join(M.CONDITIONS[c][1])
+                                     for c in M.CONDITIONS if c in it["question"] for a in it["answers"])

@@ -97,6 +97,10 @@ def test_tiny_stages_are_the_scripts_defaults(tmp_path):
                                         if stage.startswith("lora_") else []))
         differ = {k for k in alone if alone[k] != via_pipeline[k]}
         assert differ <= {"save_dir", "device", "hidden_size"}, (stage, differ)
+    args.seed = 7   # --seed reaches every training stage, not the evaluation
+    for stage in P.ORDER:
+        cmd, _ = P.stage_command(stage, P.STAGES["tiny"][stage], args, 192)
+        assert ("--seed" in cmd and cmd[cmd.index("--seed") + 1] == "7") == (stage != "eval"), stage
 
 
 def test_pipeline_end_to_end_and_resume_of_an_interrupted_stage(tmp_path, monkeypatch, capsys):
