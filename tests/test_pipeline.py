@@ -129,3 +129,24 @@ def test_pipeline_end_to_end_and_resume_of_an_interrupted_stage(tmp_path, monkey
 def test_pipeline_rejects_unknown_stage(tmp_path):
     with pytest.raises(TinyMindError, match="unknown stage"):
         P.main(["--save_dir", str(tmp_path), "--stages", "pretrain,finetune"])
+
+
+def test_compare_runs_reports_each_seed_and_the_spread(tmp_path, capsys):
+    from scripts import compare_runs
+    for name, g, m in (("seed42", 0.80, 0.70), ("seed1", 0.76, 0.75)):
+        (tmp_path / name).mkdir()
+        rows = [{"variant": "SFT", "general_qa": g, "identity_new": 0.0, "identity_base": 1.0, "medical_qa": 0.02},
+                {"variant": "+medical", "general_qa": g - 0.02, "identity_new": 0.0, "identity_base": 0.9,
+                 "medical_qa": m}]
+        report = {"eval": rows, "stage_seconds": {"pretrain": 100.0, "eval": None}, "total_seconds": 300.0,
+                  "command": "python scripts/run_pipeline.py", "machine": "x86_64", "date": "2026-12-01"}
+        (tmp_path / name / "pipeline_report.json").write_text(json.dumps(report), encoding="utf-8")
+    text = compare_runs.main([str(tmp_path / "seed42"), str(tmp_path / "seed1"), "--out", str(tmp_path / "c.md")])
+    assert "| SFT | general QA | 80.0% | 76.0% | 78.0% | 4.0 |" in text
+    assert "| +medical | medical QA | 70.0% | 75.0% | 72.5% | 5.0 |" in text
+    assert "| eval | skipped | skipped |" in text and "| total | 300 s | 300 s |" in text
+    assert (tmp_path / "c.md").read_text(encoding="utf-8") == text
+    with pytest.raises(SystemExit) as e:
+        from model.common import run_main
+        run_main(compare_runs.main, [str(tmp_path / "nothing")])
+    assert e.value.code == 2 and "pipeline_report.json not found" in capsys.readouterr().err
