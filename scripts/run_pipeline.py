@@ -33,9 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from model.common import ROOT, TinyMindError, atomic_write_text, repo_path, run_main
 
 # Per-preset flags on top of each script's defaults. The defaults are the `tiny` demo recipe, so `tiny`
-# adds nothing; `smoke` shrinks every stage to a few steps.
+# adds nothing but the medical adapter's longer, faster schedule (a new 62-row table needs more passes
+# than a new name); `smoke` shrinks every stage to a few steps.
 STAGES = {
-    "tiny": {"pretrain": [], "sft": [], "lora_identity": [], "lora_medical": [], "eval": []},
+    "tiny": {"pretrain": [], "sft": [], "lora_identity": [],
+             "lora_medical": ["--epochs", "9", "--learning_rate", "5e-3"], "eval": []},
     "smoke": {
         "pretrain": ["--max_steps", "40", "--batch_size", "8", "--max_seq_len", "128",
                      "--learning_rate", "3e-3"],

@@ -84,7 +84,8 @@ FAST = {"pretrain": ["--max_steps", "3", "--batch_size", "4", "--max_seq_len", "
 
 
 def test_tiny_stages_are_the_scripts_defaults(tmp_path):
-    """For `tiny` the pipeline passes file names only, so each script run alone trains the same model."""
+    """For `tiny` the pipeline passes file names only (plus STAGES' own flags, listed there), so each
+    script run alone trains the same model."""
     import argparse
     from trainer import train_lora, train_pretrain, train_sft
     parsers = {"pretrain": train_pretrain.build_parser, "sft": train_sft.build_parser,
@@ -93,8 +94,8 @@ def test_tiny_stages_are_the_scripts_defaults(tmp_path):
     for stage, build in parsers.items():
         cmd, _ = P.stage_command(stage, P.STAGES["tiny"][stage], args, 192)
         via_pipeline = vars(build().parse_args(cmd[1:]))
-        alone = vars(build().parse_args(["--data_path", f"dataset/{stage}.jsonl", "--lora_name", stage]
-                                        if stage.startswith("lora_") else []))
+        alone = vars(build().parse_args((["--data_path", f"dataset/{stage}.jsonl", "--lora_name", stage]
+                                         if stage.startswith("lora_") else []) + P.STAGES["tiny"][stage]))
         differ = {k for k in alone if alone[k] != via_pipeline[k]}
         assert differ <= {"save_dir", "device", "hidden_size"}, (stage, differ)
     args.seed = 7   # --seed reaches every training stage, not the evaluation
