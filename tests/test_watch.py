@@ -97,3 +97,8 @@ def test_loraplus_groups_and_step_sizes():
     assert moved_a == pytest.approx(1e-3, rel=0.05) and moved_b == pytest.approx(16e-3, rel=0.05)
     with pytest.raises(Exception, match="loraplus_ratio"):
         train_lora.loraplus_optimizer(model, 1e-3, 0.0, ratio=0)
+
+
+def test_loraplus_flag_trains(ws):
+    log = run_lora(ws, "--max_steps", 2, "--eval_interval", 0, "--watch_prompts", "none", "--loraplus_ratio", 16)
+    assert "LoRA+: B learns 16x faster than A" in log and "done: 2 steps" in log
