@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch
 
-from dataset import world_chat as C
-from dataset import world_medical as M
+from dataset.demo import world_chat as C
+from dataset.demo import world_medical as M
 from model.common import find_checkpoint, run_main
 from model.model import load_model
 from model.tokenizer import load_tokenizer

@@ -1,8 +1,10 @@
 """The whole TinyMind chain in one command: pretrain -> SFT -> lora_identity -> lora_medical -> evaluation.
 
 Each stage is the ordinary script a learner would run by hand (trainer/train_pretrain.py, ...), started
-as a subprocess with the flags listed in ``STAGES`` below, so what this file does can be repeated stage by
-stage. A training stage whose output file already exists is skipped, unless a stage before it was retrained
+as a subprocess. The scripts' defaults are the `tiny` demo recipe, so for `tiny` the pipeline passes only
+file names (and --seed, --device, --save_dir when given): `python trainer/train_sft.py` alone trains the
+same model as the pipeline's SFT stage. Other presets add the flags listed in ``STAGES`` below. A
+training stage whose output file already exists is skipped, unless a stage before it was retrained
 (``--force`` reruns everything); a stage that was interrupted left a resume file, and the next run
 continues it with ``--from_resume 1``. The evaluation always runs.
 
@@ -10,6 +12,7 @@ continues it with ``--from_resume 1``. The evaluation always runs.
     python scripts/run_pipeline.py --preset smoke       # a 2-minute end-to-end check
     python scripts/run_pipeline.py --device cuda        # the same on a GPU
     python scripts/run_pipeline.py --force              # retrain every stage
+    python scripts/run_pipeline.py --seed 1 --save_dir out/seed1   # another seed (init, data order, split)
     python scripts/run_pipeline.py --retrain_tokenizer  # also retrain model/tokenizer.json first
 
 At the end it prints the evaluation table (SFT alone, +identity, +medical, +both) and writes
@@ -29,20 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from model.common import ROOT, TinyMindError, atomic_write_text, repo_path, run_main
 
-# Per-preset training recipe. Every entry is a plain command line for the stage's script.
+# Per-preset flags on top of each script's defaults. The defaults are the `tiny` demo recipe, so `tiny`
+# adds nothing but the medical adapter's longer, faster schedule (a new 62-row table needs more passes
+# than a new name); `smoke` shrinks every stage to a few steps.
 STAGES = {
-    "tiny": {
-        "pretrain": ["--preset", "tiny", "--epochs", "1", "--batch_size", "16", "--max_seq_len", "256",
-                     "--learning_rate", "2e-3"],
-        "sft": ["--epochs", "3", "--batch_size", "32", "--max_seq_len", "256", "--learning_rate", "2e-3"],
-        "lora_identity": ["--epochs", "4", "--batch_size", "32", "--learning_rate", "2e-3",
-                          "--lora_rank", "16", "--lora_alpha", "32"],
-        "lora_medical": ["--epochs", "9", "--batch_size", "32", "--learning_rate", "5e-3",
-                         "--lora_rank", "16", "--lora_alpha", "32"],
-        "eval": [],
-    },
+    "tiny": {"pretrain": [], "sft": [], "lora_identity": [],
+             "lora_medical": ["--epochs", "9", "--learning_rate", "5e-3"], "eval": []},
     "smoke": {
-        "pretrain": ["--preset", "smoke", "--max_steps", "40", "--batch_size", "8", "--max_seq_len", "128",
+        "pretrain": ["--max_steps", "40", "--batch_size", "8", "--max_seq_len", "128",
                      "--learning_rate", "3e-3"],
         "sft": ["--max_steps", "30", "--batch_size", "8", "--max_seq_len", "128", "--learning_rate", "2e-3"],
         "lora_identity": ["--max_steps", "15", "--batch_size", "8", "--max_seq_len", "128",
@@ -60,9 +57,11 @@ def stage_command(stage: str, recipe: list[str], args, hidden: int) -> tuple[lis
     common = ["--save_dir", str(args.save_dir), "--device", args.device]
     if stage != "pretrain":   # several presets may share a save_dir: name the size explicitly
         common += ["--hidden_size", str(hidden)]
+    if args.seed is not None and stage != "eval":
+        common += ["--seed", str(args.seed)]
     if stage == "pretrain":
-        return (["trainer/train_pretrain.py", "--weight", "pretrain", "--data_path", "dataset/pretrain_demo.jsonl"]
-                + common + recipe, args.save_dir / f"pretrain_{hidden}.pth")
+        return (["trainer/train_pretrain.py", "--weight", "pretrain", "--data_path", "dataset/pretrain_demo.jsonl",
+                 "--preset", args.preset] + common + recipe, args.save_dir / f"pretrain_{hidden}.pth")
     if stage == "sft":
         return (["trainer/train_sft.py", "--from_weight", "pretrain", "--weight", "full_sft",
                  "--data_path", "dataset/sft_demo.jsonl"] + common + recipe, args.save_dir / f"full_sft_{hidden}.pth")
@@ -109,6 +108,9 @@ def build_parser():
     p.add_argument("--save_dir", default="out", help="where checkpoints, logs and reports go")
     p.add_argument("--force", action="store_true", help="rerun stages whose output already exists")
     p.add_argument("--stages", default=",".join(ORDER), help="comma-separated subset of " + ",".join(ORDER))
+    p.add_argument("--seed", type=int, default=None,
+                   help="passed to every training stage (model init, data order, validation split, LoRA init); "
+                        "default: the scripts' own (42)")
     p.add_argument("--retrain_tokenizer", action="store_true",
                    help="first retrain model/tokenizer.json on the shipped training files (the shipped one is "
                         "already trained on them; checkpoints made with the old tokenizer become useless)")

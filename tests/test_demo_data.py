@@ -1,12 +1,13 @@
-"""Tests for the shipped demo data and its generator (dataset/make_demo_data.py).
+"""Tests for the shipped demo data and its generator (dataset/demo/make_demo_data.py).
 
 - determinism: two generations (one in another process, with another PYTHONHASHSEED) are byte-identical,
   and equal to the files shipped in dataset/ (so the shipped data is reproducible);
 - schema: every line of every file parses and has the right keys, roles and types;
 - train/eval disjointness: no eval question is a user turn of a training file or appears in the
   pretraining text; the pretrain-only people are never named in any chat file;
-- the LoRA knowledge is only in the LoRA files: medical condition names (and so their departments and symptoms) are
-  absent from pretraining and SFT; the new persona is absent from them too;
+- the LoRA knowledge is only in the LoRA files: pretraining and SFT use the medical words (condition names,
+  departments, symptoms) on purpose, but never a condition next to its department or symptoms, nor a
+  department next to symptoms; the new persona's name and maker never appear in them;
 - sizes and counts stay in the ranges dataset/README.md promises.
 """
 import hashlib
@@ -19,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from dataset import make_demo_data as G
-from dataset import world_chat as C
-from dataset import world_medical as M
+from dataset.demo import make_demo_data as G
+from dataset.demo import world_chat as C
+from dataset.demo import world_medical as M
+from dataset.demo.world import Sizes, build_world
 from model.common import ROOT
 
 SHIPPED = ROOT / "dataset"
@@ -63,14 +65,14 @@ def test_generation_is_fast_and_deterministic(gen, tmp_path):
     assert seconds < 60, f"generation took {seconds:.1f}s"
     out_b = tmp_path / "demo_b"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}   # set/dict order must not leak into the files
-    subprocess.run([sys.executable, str(ROOT / "dataset/make_demo_data.py"), "--out_dir", str(out_b), "--no_stats"],
+    subprocess.run([sys.executable, str(ROOT / "dataset/demo/make_demo_data.py"), "--out_dir", str(out_b), "--no_stats"],
                    check=True, env=env, capture_output=True, timeout=120)
     for rel in G.FILES:
         assert sha(out_a / rel) == sha(out_b / rel), f"{rel} differs between two runs with the same seed"
 
 
 def test_other_seed_gives_other_world():
-    a, b = G.build_world(42), G.build_world(7)
+    a, b = build_world(42), build_world(7)
     assert [p["name"] for p in a.people] != [p["name"] for p in b.people]
 
 
@@ -78,9 +80,9 @@ def test_shipped_files_are_reproducible(gen):
     out, _ = gen
     for rel in G.FILES:
         shipped = SHIPPED / rel
-        assert shipped.exists(), f"{shipped} missing: run python dataset/make_demo_data.py"
+        assert shipped.exists(), f"{shipped} missing: run python dataset/demo/make_demo_data.py"
         assert sha(shipped) == sha(out / rel), \
-            f"dataset/{rel} is not what the generator writes: run python dataset/make_demo_data.py"
+            f"dataset/{rel} is not what the generator writes: run python dataset/demo/make_demo_data.py"
 
 
 def test_schema(data):
@@ -142,7 +144,7 @@ def test_eval_prompts_never_in_training(data):
 
 
 def test_pretrain_only_people_only_in_pretraining(data):
-    world = G.build_world(42)
+    world = build_world(42)
     held = [p["name"] for p in world.people_in("pretrain_only")]
     assert len(held) >= 0.2 * len(world.people)
     chat = "\n".join(chat_texts(data["sft_demo.jsonl"]) + chat_texts(data["lora_identity.jsonl"])
@@ -214,15 +216,15 @@ def test_chat_characters_are_trained_in_pretraining(data):
                    + chat_texts(data["lora_medical.jsonl"]))
     chat += "".join(it["question"] for rel in ("eval/general_qa.jsonl", "eval/identity.jsonl",
                                                "eval/medical_qa.jsonl") for it in data[rel])
-    rare = sorted(c for c in set(chat) if not c.isascii() and not c.isspace() and counts[c] < G.Sizes().min_char_count)
+    rare = sorted(c for c in set(chat) if not c.isascii() and not c.isspace() and counts[c] < Sizes().min_char_count)
     assert not rare, f"characters rare in pretraining: {''.join(rare)}"
 
 
 def test_heldout_phrasings_recombine_seen_parts():
     """A held-out fact question is a generic shape used in training for other attributes, with this
     attribute's noun, which training uses in other shapes (or, without a noun, its own phrasing)."""
-    from dataset import demo_world as W
-    world = G.build_world(42)
+    from dataset.demo import demo_world as W
+    world = build_world(42)
     attrs = {("person", a.key): a for a in W.PERSON_ATTRS}
     attrs.update({(c.key, a.key): a for c in W.CATEGORIES for a in c.attrs})
     train_shapes = {}
@@ -273,7 +275,7 @@ def test_medical_answers_never_spell_the_condition(data):
 
 def test_side_characters_are_not_people_of_the_world(data):
     """The side characters (dialogue speakers, pupils, the names SFT practises copying) have no facts."""
-    world = G.build_world(42)
+    world = build_world(42)
     people = {p["name"] for p in world.people}
     extras = [e["name"] for e in world.extras]
     assert extras and not people & set(extras)
@@ -283,3 +285,36 @@ def test_side_characters_are_not_people_of_the_world(data):
     for name in extras:
         assert pretrain.count(name) >= 150, f"side character {name} too rare in pretraining"
     assert sum(name in sft for name in extras) >= 0.9 * len(extras)
+
+
+def test_own_persona_rewrites_only_the_identity_files(tmp_path):
+    """`--name 小明 --maker 某某实验室` writes lora_identity.jsonl and eval/identity.jsonl naming the new
+    persona in every identity answer and never the shipped one; no other file is written."""
+    G.main(["--out_dir", str(tmp_path), "--no_stats", "--name", "小明", "--maker", "某某实验室"])
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.jsonl"))
+    assert written == sorted(G.IDENTITY_FILES)
+    identity = read_jsonl(tmp_path / "lora_identity.jsonl")
+    text = "\n".join(chat_texts(identity))
+    old = C.LORA_PERSONA
+    assert old["name"] not in text and old["maker"] not in text and "TinyMind" not in text
+    assert text.count("小明") > 600 and "某某实验室" in text
+    evals = read_jsonl(tmp_path / "eval/identity.jsonl")
+    assert evals and all(it["new_names"] == ["小明"] and it["base_names"] == ["TinyMind"] for it in evals)
+    with pytest.raises(SystemExit) as e:   # a name the evaluation could not tell from the base persona
+        from model.common import run_main
+        run_main(G.main, ["--out_dir", str(tmp_path / "x"), "--name", "TinyMind"])
+    assert e.value.code == 2
+
+
+def test_novel_medical_phrasings_are_not_the_generators(data):
+    """dataset/eval_novel/medical_qa.jsonl: hand-written question shapes that no template of
+    dataset/demo/world_medical.py produces and no training file contains (a check that the medical
+    score is not tied to the generator's phrasings)."""
+    items = read_jsonl(SHIPPED / "eval_novel/medical_qa.jsonl")
+    generated = {t.format(c=c) for ts in M.QUESTIONS.values() for t in ts for c in M.CONDITIONS}
+    prompts = user_turns(data["sft_demo.jsonl"]) | user_turns(data["lora_medical.jsonl"])
+    assert len(items) == 2 * len(M.CONDITIONS)
+    for it in items:
+        assert it["question"] not in generated and it["question"] not in prompts, it["question"]
+        assert it["answers"] and all(a in M.CONDITIONS[c][0] + "".join(M.CONDITIONS[c][1])
+                                     for c in M.CONDITIONS if c in it["question"] for a in it["answers"])

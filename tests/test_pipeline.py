@@ -76,11 +76,32 @@ def test_bad_eval_file_is_one_clear_error(tmp_path):
         E.load_eval_sets(tmp_path / "empty")
 
 
-FAST = {"pretrain": ["--preset", "smoke", "--max_steps", "3", "--batch_size", "4", "--max_seq_len", "64"],
+FAST = {"pretrain": ["--max_steps", "3", "--batch_size", "4", "--max_seq_len", "64"],
         "sft": ["--max_steps", "3", "--batch_size", "4", "--max_seq_len", "64"],
         "lora_identity": ["--max_steps", "2", "--batch_size", "4", "--max_seq_len", "64", "--lora_rank", "2"],
         "lora_medical": ["--max_steps", "2", "--batch_size", "4", "--max_seq_len", "64", "--lora_rank", "2"],
         "eval": ["--limit", "4", "--max_new_tokens", "4"]}
+
+
+def test_tiny_stages_are_the_scripts_defaults(tmp_path):
+    """For `tiny` the pipeline passes file names only (plus STAGES' own flags, listed there), so each
+    script run alone trains the same model."""
+    import argparse
+    from trainer import train_lora, train_pretrain, train_sft
+    parsers = {"pretrain": train_pretrain.build_parser, "sft": train_sft.build_parser,
+               "lora_identity": train_lora.build_parser, "lora_medical": train_lora.build_parser}
+    args = argparse.Namespace(save_dir=tmp_path, device="auto", seed=None, preset="tiny")
+    for stage, build in parsers.items():
+        cmd, _ = P.stage_command(stage, P.STAGES["tiny"][stage], args, 192)
+        via_pipeline = vars(build().parse_args(cmd[1:]))
+        alone = vars(build().parse_args((["--data_path", f"dataset/{stage}.jsonl", "--lora_name", stage]
+                                         if stage.startswith("lora_") else []) + P.STAGES["tiny"][stage]))
+        differ = {k for k in alone if alone[k] != via_pipeline[k]}
+        assert differ <= {"save_dir", "device", "hidden_size"}, (stage, differ)
+    args.seed = 7   # --seed reaches every training stage, not the evaluation
+    for stage in P.ORDER:
+        cmd, _ = P.stage_command(stage, P.STAGES["tiny"][stage], args, 192)
+        assert ("--seed" in cmd and cmd[cmd.index("--seed") + 1] == "7") == (stage != "eval"), stage
 
 
 def test_pipeline_end_to_end_and_resume_of_an_interrupted_stage(tmp_path, monkeypatch, capsys):
@@ -109,3 +130,24 @@ def test_pipeline_end_to_end_and_resume_of_an_interrupted_stage(tmp_path, monkey
 def test_pipeline_rejects_unknown_stage(tmp_path):
     with pytest.raises(TinyMindError, match="unknown stage"):
         P.main(["--save_dir", str(tmp_path), "--stages", "pretrain,finetune"])
+
+
+def test_compare_runs_reports_each_seed_and_the_spread(tmp_path, capsys):
+    from scripts import compare_runs
+    for name, g, m in (("seed42", 0.80, 0.70), ("seed1", 0.76, 0.75)):
+        (tmp_path / name).mkdir()
+        rows = [{"variant": "SFT", "general_qa": g, "identity_new": 0.0, "identity_base": 1.0, "medical_qa": 0.02},
+                {"variant": "+medical", "general_qa": g - 0.02, "identity_new": 0.0, "identity_base": 0.9,
+                 "medical_qa": m}]
+        report = {"eval": rows, "stage_seconds": {"pretrain": 100.0, "eval": None}, "total_seconds": 300.0,
+                  "command": "python scripts/run_pipeline.py", "machine": "x86_64", "date": "2026-12-01"}
+        (tmp_path / name / "pipeline_report.json").write_text(json.dumps(report), encoding="utf-8")
+    text = compare_runs.main([str(tmp_path / "seed42"), str(tmp_path / "seed1"), "--out", str(tmp_path / "c.md")])
+    assert "| SFT | general QA | 80.0% | 76.0% | 78.0% | 4.0 |" in text
+    assert "| +medical | medical QA | 70.0% | 75.0% | 72.5% | 5.0 |" in text
+    assert "| eval | skipped | skipped |" in text and "| total | 300 s | 300 s |" in text
+    assert (tmp_path / "c.md").read_text(encoding="utf-8") == text
+    with pytest.raises(SystemExit) as e:
+        from model.common import run_main
+        run_main(compare_runs.main, [str(tmp_path / "nothing")])
+    assert e.value.code == 2 and "pipeline_report.json not found" in capsys.readouterr().err

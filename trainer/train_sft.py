@@ -32,14 +32,16 @@ from model.tokenizer import load_tokenizer
 from trainer.resume import run_key, seed_everything, split_dataset
 from trainer.train_loop import count_parameters, finish_run, train_loop
 from trainer.trainer_utils import RunFiles, TrainConfig, add_common_args, check_tokenizer_fits, load_from_weight, require_file
+from trainer.watch import WatchReplies, add_watch_flag, watch_prompts
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="TinyMind supervised fine-tuning (assistant-only loss on chat data).")
     add_common_args(p, weight="full_sft", data_path="dataset/sft_demo.jsonl",
-                    epochs=1, batch_size=32, learning_rate=1e-3, max_seq_len=256)
+                    epochs=3, batch_size=32, learning_rate=2e-3, max_seq_len=256)
     p.add_argument("--from_weight", default="pretrain",
                    help="start from {save_dir}/{from_weight}_{hidden}.pth (default: pretrain)")
+    add_watch_flag(p)
     return p
 
 
@@ -63,11 +65,12 @@ def main(argv=None):
         ctx.log(f"model: {src} (hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
                 f"{total / 1e6:.2f}M parameters)")
         files = RunFiles.for_run(args.save_dir, args.weight, config.hidden_size)
+        watch = WatchReplies(watch_prompts(args.watch_prompts, data_path, tok, val_set), tok, ctx.log, ctx.is_main)
         metrics = train_loop(
             model, train_set, val_set, collate_batch, tc, ctx, files,
             save_weights=lambda m: save_model(m, files.weights, stage="sft", weight=args.weight,
                                               from_weight=args.from_weight),
-            run=run_key(args, "sft", ctx, "from_weight"), resume=bool(args.from_resume))
+            run=run_key(args, "sft", ctx, "from_weight"), resume=bool(args.from_resume), hooks=[watch])
         return finish_run(metrics, ctx)
     finally:
         cleanup_distributed(ctx)

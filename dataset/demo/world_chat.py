@@ -6,6 +6,7 @@ What this module holds:
   question. The base persona ("TinyMind") is taught by sft_demo.jsonl; the LoRA persona ("知微",
   made by "青禾实验室") only by lora_identity.jsonl. Every identity answer names the persona, so
   evaluation can score "which persona answered" by substring.
+- ``lora_persona``: ``LORA_PERSONA`` with another name and maker (``--name`` / ``--maker`` of the generator).
 - ``IDENTITY_QUESTIONS``: core phrasings per kind of identity question, and ``IDENTITY_PREFIXES``
   that the generator combines with them; a share of the combinations is held out for eval.
 - ``GREETINGS``, ``SMALL_TALK``, ``ASSISTANT_TALK``: user turns with suitable replies (no persona name
@@ -89,6 +90,20 @@ LORA_PERSONA = {
                   "我的名字叫知微，是青禾实验室的语言模型。"),
     },
 }
+
+
+def lora_persona(name: str | None = None, maker: str | None = None) -> dict:
+    """``LORA_PERSONA`` with its name and maker replaced in every answer (None keeps the shipped one)."""
+    name = name or LORA_PERSONA["name"]
+    maker = maker or LORA_PERSONA["maker"]
+
+    def swap(text: str) -> str:
+        # Through a placeholder, so a new name that contains the old maker (or the reverse) is not swapped twice.
+        text = text.replace(LORA_PERSONA["maker"], "\0")
+        return text.replace(LORA_PERSONA["name"], name).replace("\0", maker)
+    answers = {kind: tuple(swap(a) for a in texts) for kind, texts in LORA_PERSONA["answers"].items()}
+    return {"name": name, "maker": maker, "answers": answers}
+
 
 # (user turn, reply variants). Replies never name a persona.
 GREETINGS = (

@@ -10,9 +10,15 @@ What this module holds:
 - ``DISCLAIMER``: the sentence appended to answers.
 
 Wording rules: no drug names, no doses; self-care is rest/water/diet/hygiene-level advice;
-every serious sign sends the reader to a doctor. None of these condition names, departments or
-key symptoms may appear in pretraining or SFT data (tests/test_demo_data.py checks it), so the
-LoRA adapter is the only source of this knowledge.
+every serious sign sends the reader to a doctor.
+
+Where the table's words appear: lora_medical.jsonl alone pairs a condition with its department,
+symptoms, self-care and warning signs. Pretraining and SFT do use the words on purpose, never paired:
+pretraining describes each condition name by ``AREAS`` (body part, kind of illness) and lists
+departments and symptom words in hospital vocabulary without any condition name; SFT copy exercises
+write condition names, or departments, or symptom words, one kind per list
+(dataset/demo/pretrain_text.py, dataset/demo/sft_chat.py). The rule is checked by
+tests/test_demo_data.py::test_lora_knowledge_absent_before_lora.
 """
 from __future__ import annotations
 

@@ -1,0 +1,104 @@
+"""trainer/watch.py (greedy replies at every validation pass) and LoRA+ (trainer/train_lora.py::loraplus_optimizer).
+
+- the watched replies appear before training and after each validation pass, for prompts from the flag,
+  from held-out validation samples ("auto" on other data), or not at all ("none");
+- the demo prompts are held out: questions of dataset/eval/, never a user turn of a training file;
+- LoRA+: every B matrix sits in a group whose lr is ``ratio`` times A's, and one AdamW step moves B that
+  much further than A.
+"""
+import json
+import re
+
+import pytest
+import torch
+
+from conftest import make_workspace, quiet
+from model.common import ROOT
+from model.model import TinyMindForCausalLM, get_config, save_model
+from model.model_lora import LoRAConfig, apply_lora
+from model.tokenizer import load_tokenizer
+from trainer import train_lora
+from trainer.train_loop import set_lr
+from trainer.watch import DEMO_PROMPTS, watch_prompts
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    ws = make_workspace(tmp_path_factory.mktemp("watch_ws"))
+    torch.manual_seed(0)
+    cfg = get_config("smoke", vocab_size=len(load_tokenizer(ws["tok"])))
+    save_model(TinyMindForCausalLM(cfg), ws["root"] / "full_sft_64.pth", stage="sft", weight="full_sft")
+    return ws
+
+
+def run_lora(ws, *extra):
+    argv = ["--data_path", ws["sft"], "--tokenizer_path", ws["tok"], "--save_dir", str(ws["root"]),
+            "--device", "cpu", "--max_seq_len", "64", "--batch_size", "8", "--lora_rank", "4",
+            "--log_interval", "2", "--val_ratio", "0.1", *map(str, extra)]
+    return quiet(train_lora.main, argv)[1]
+
+
+def test_watch_prints_replies_at_start_and_each_validation(ws):
+    log = run_lora(ws, "--max_steps", 4, "--eval_interval", 2, "--watch_prompts", "who are you?|count to three")
+    steps = re.findall(r"watch \| step (\d+) \| (.*?) -> ", log)
+    assert steps == [(s, p) for s in ("0", "2", "4") for p in ("who are you?", "count to three")]
+
+
+def test_watch_auto_uses_heldout_samples_and_none_is_silent(ws):
+    log = run_lora(ws, "--max_steps", 2, "--eval_interval", 0)
+    prompts = re.findall(r"watch \| step 2 \| (.*?) -> ", log)
+    questions = {"who are you?", "what color is the sky?", "count to three"}
+    assert len(prompts) == 2 and set(prompts) <= questions   # user turns of validation samples
+    assert "watch |" not in run_lora(ws, "--max_steps", 2, "--eval_interval", 0, "--watch_prompts", "none")
+
+
+def test_val_prompt_is_the_chat_up_to_the_reply(ws):
+    from dataset.lm_dataset import SFTDataset
+    tok = load_tokenizer(ws["tok"])
+    data = SFTDataset(ws["sft"], tok, 64)
+    (label, ids), = watch_prompts("auto", ws["sft"], tok, data, n_from_val=1)
+    assert tok.decode(ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+    assert label in {"who are you?", "what color is the sky?", "count to three"}
+
+
+def test_demo_prompts_are_held_out():
+    evals = {json.loads(line)["question"] for name in ("general_qa", "identity", "medical_qa")
+             for line in (ROOT / "dataset/eval" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()}
+    users = set()
+    for name in ("sft_demo", "lora_identity", "lora_medical"):
+        for line in (ROOT / "dataset" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines():
+            users |= {m["content"] for m in json.loads(line)["conversations"] if m["role"] == "user"}
+    for file, prompts in DEMO_PROMPTS.items():
+        assert (ROOT / "dataset" / file).exists()
+        for p in prompts:
+            assert p in evals and p not in users, p
+
+
+def test_loraplus_groups_and_step_sizes():
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(get_config("smoke"))
+    apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    with torch.no_grad():   # non-zero B, so A receives a gradient too
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.02)
+    opt = train_lora.loraplus_optimizer(model, 1e-3, 0.0, ratio=16)
+    scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert named and all(scale[id(p)] == (16.0 if ".lora_B." in n else 1.0) for n, p in named.items())
+    set_lr(opt, 1e-3)   # what the loop does before every step
+    before = {n: p.detach().clone() for n, p in named.items()}
+    x = torch.randint(3, 300, (2, 16))
+    model(x, labels=x).loss.backward()
+    opt.step()
+    # Adam's first step moves every element with a gradient by about its lr: 1e-3 for A, 16e-3 for B.
+    moved_a = max((p - before[n]).abs().max().item() for n, p in named.items() if ".lora_A." in n)
+    moved_b = max((p - before[n]).abs().max().item() for n, p in named.items() if ".lora_B." in n)
+    assert moved_a == pytest.approx(1e-3, rel=0.05) and moved_b == pytest.approx(16e-3, rel=0.05)
+    with pytest.raises(Exception, match="loraplus_ratio"):
+        train_lora.loraplus_optimizer(model, 1e-3, 0.0, ratio=0)
+
+
+def test_loraplus_flag_trains(ws):
+    log = run_lora(ws, "--max_steps", 2, "--eval_interval", 0, "--watch_prompts", "none", "--loraplus_ratio", 16)
+    assert "LoRA+: B learns 16x faster than A" in log and "done: 2 steps" in log
