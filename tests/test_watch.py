@@ -1,4 +1,5 @@
-"""trainer/watch.py (greedy replies at every validation pass) and LoRA+ (trainer/train_lora.py::loraplus_optimizer).
+"""trainer/watch.py (greedy replies at every validation pass), and LoRA+ (model/lora_variants/lora_plus.py) as the
+demo recipe would use it.
 
 - the watched replies appear before training and after each validation pass, for prompts from the flag,
   from held-out validation samples ("auto" on other data), or not at all ("none");
@@ -20,6 +21,7 @@ from model.tokenizer import load_tokenizer
 from trainer import train_lora
 from trainer.train_loop import set_lr
 from trainer.watch import DEMO_PROMPTS, watch_prompts
+from model.lora_variants.lora_plus import make_loraplus_optimizer
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +84,7 @@ def test_loraplus_groups_and_step_sizes():
         for n, p in model.named_parameters():
             if ".lora_B." in n:
                 p.normal_(0, 0.02)
-    opt = train_lora.loraplus_optimizer(model, 1e-3, 0.0, ratio=16)
+    opt = make_loraplus_optimizer(16)(model, 1e-3, 0.0)
     scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert named and all(scale[id(p)] == (16.0 if ".lora_B." in n else 1.0) for n, p in named.items())
@@ -95,10 +97,11 @@ def test_loraplus_groups_and_step_sizes():
     moved_a = max((p - before[n]).abs().max().item() for n, p in named.items() if ".lora_A." in n)
     moved_b = max((p - before[n]).abs().max().item() for n, p in named.items() if ".lora_B." in n)
     assert moved_a == pytest.approx(1e-3, rel=0.05) and moved_b == pytest.approx(16e-3, rel=0.05)
-    with pytest.raises(Exception, match="loraplus_ratio"):
-        train_lora.loraplus_optimizer(model, 1e-3, 0.0, ratio=0)
+    with pytest.raises(Exception, match="loraplus_lr_ratio"):
+        make_loraplus_optimizer(0)
 
 
 def test_loraplus_flag_trains(ws):
-    log = run_lora(ws, "--max_steps", 2, "--eval_interval", 0, "--watch_prompts", "none", "--loraplus_ratio", 16)
-    assert "LoRA+: B learns 16x faster than A" in log and "done: 2 steps" in log
+    log = run_lora(ws, "--max_steps", 2, "--eval_interval", 0, "--watch_prompts", "none",
+                   "--lora_variant", "lora_plus", "--loraplus_lr_ratio", 16)
+    assert "variant lora_plus {'loraplus_lr_ratio': 16.0}" in log and "done: 2 steps" in log

@@ -29,13 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 import argparse
-from functools import partial
-
-import torch
-from torch import nn
-
 from dataset.lm_dataset import SFTDataset, collate_batch
-from model.common import TinyMindError, cleanup_distributed, find_checkpoint, run_main, setup_device
+from model.common import cleanup_distributed, find_checkpoint, run_main, setup_device
 from model.lora_variants import TrainSetup, add_variant_args, config_from_args, get_variant
 from model.model_lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, load_lora, save_lora
 from model.tokenizer import load_tokenizer
@@ -43,40 +38,6 @@ from trainer.resume import run_key, seed_everything, split_dataset
 from trainer.train_loop import finish_run, train_loop
 from trainer.trainer_utils import RunFiles, TrainConfig, add_common_args, check_tokenizer_fits, load_from_weight, require_file
 from trainer.watch import WatchReplies, add_watch_flag, watch_prompts
-
-# Default B/A learning-rate ratio: 1 is plain LoRA (the demo recipe); LoRA+ suggests 16.
-LORAPLUS_RATIO = 1.0
-
-
-def loraplus_optimizer(model: nn.Module, lr: float, weight_decay: float, ratio: float = 16.0,
-                       betas=(0.9, 0.95)) -> torch.optim.AdamW:
-    """LoRA+ (arXiv 2402.12354): AdamW in which every B matrix learns ``ratio`` times faster than A.
-
-    B starts at zero and must grow to carry the update, A only rotates its random start; with one
-    learning rate for both, B is the bottleneck. Each group carries ``lr_scale`` (1 for A, ``ratio``
-    for B), which the loop multiplies into the scheduled lr, so warmup and cosine apply to both.
-    Trainable vectors (none in plain LoRA) go with B and never decay, as in the default builder.
-    A ``make_optimizer`` for ``train_loop``: ``functools.partial(loraplus_optimizer, ratio=16)``.
-    """
-    if not ratio > 0:
-        raise TinyMindError(f"--loraplus_ratio must be positive (got {ratio})")
-    a, b, vectors = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2:
-            vectors.append(p)
-        elif ".lora_B." in name:
-            b.append(p)
-        else:
-            a.append(p)
-    if not (a or b or vectors):
-        raise TinyMindError("the model has no trainable parameters")
-    groups = [dict(params=a, lr=lr, lr_scale=1.0, weight_decay=weight_decay),
-              dict(params=b, lr=lr * ratio, lr_scale=float(ratio), weight_decay=weight_decay),
-              dict(params=vectors, lr=lr * ratio, lr_scale=float(ratio), weight_decay=0.0)]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="TinyMind LoRA fine-tuning (frozen base, trainable low-rank adapters).")
@@ -100,9 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_over", default="",
                    help="LoRA name(s), comma-separated, loaded first (frozen, active): the new adapter is trained "
                         "on top of them and its file will refuse to load without them (default: none)")
-    p.add_argument("--loraplus_ratio", type=float, default=LORAPLUS_RATIO,
-                   help="LoRA+: B's learning rate is this many times A's (--learning_rate); 1 = plain LoRA "
-                        f"(default: {LORAPLUS_RATIO:g})")
     add_watch_flag(p)
     add_variant_args(p)
     return p
@@ -144,12 +102,6 @@ def main(argv=None):
                 f"trainable = {100 * info['trainable'] / info['total']:.2f}% of total")
         files = RunFiles.for_run(args.save_dir, args.lora_name, config.hidden_size)
         make_optimizer = variant.make_optimizer(args) if variant.make_optimizer is not None else None
-        if args.loraplus_ratio != 1:
-            if make_optimizer is not None:
-                raise TinyMindError(f"--loraplus_ratio cannot be combined with --lora_variant {variant.name}, "
-                                    "which brings its own optimizer")
-            make_optimizer = partial(loraplus_optimizer, ratio=args.loraplus_ratio)
-            ctx.log(f"LoRA+: B learns {args.loraplus_ratio:g}x faster than A (lr {args.learning_rate:g} for A)")
         hooks = list(variant.hooks(model, args.lora_name, args)) if variant.hooks is not None else []
         hooks.append(WatchReplies(watch_prompts(args.watch_prompts, data_path, tok, val_set), tok, ctx.log,
                                   ctx.is_main))
@@ -163,8 +115,7 @@ def main(argv=None):
         metrics = train_loop(
             model, train_set, val_set, collate_batch, tc, ctx, files, save_weights=save_weights,
             run={**run_key(args, "lora", ctx, "from_weight", "lora_name", "lora_rank", "lora_alpha",
-                           "lora_dropout", "lora_targets", "use_rslora", "lora_variant", "lora_over",
-                           "loraplus_ratio"),
+                           "lora_dropout", "lora_targets", "use_rslora", "lora_variant", "lora_over"),
                  "lora_options": repr(sorted(lora_cfg.options.items()))},
             resume=bool(args.from_resume),
             hooks=hooks, make_optimizer=make_optimizer)
