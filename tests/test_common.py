@@ -96,15 +96,9 @@ def _code_files():
     yield ROOT / "eval_llm.py"
 
 
-def test_every_file_is_written_through_the_one_helper():
-    """No module but model/common.py renames, torch.saves or writes a file itself; a temporary scratch
-    file that never outlives its TemporaryDirectory is the only exception (the benchmark's corpus slice)."""
-    import re
-
-    allowed = {("scripts/bench.py", "sliced.write_text("),  # a scratch file inside a TemporaryDirectory
-               ("scripts/bench_utils.py", '"/proc/self/clear_refs"')}  # a kernel control file, not a file of ours
-    patterns = re.compile(r"os\.replace\(|\.replace\(path\)|torch\.save\(|\w+\.write_text\(|\.write_bytes\(|"
-                          r"open\((?!tmp\b)[^)]*['\"][wa]b?['\"]|\.savefig\((?!tmp)")
+def _code_lines_matching(pattern, allowed=()):
+    """'path:line: code' for every code line (comments stripped) of the project, model/common.py aside, that
+    matches ``pattern``, unless (path, snippet) in ``allowed`` names it."""
     problems = []
     for path in _code_files():
         rel = path.relative_to(ROOT).as_posix()
@@ -112,9 +106,21 @@ def test_every_file_is_written_through_the_one_helper():
             continue
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             code = line.split("#", 1)[0]
-            for m in patterns.finditer(code):
-                if not any(rel == f and snippet in code for f, snippet in allowed):
-                    problems.append(f"{rel}:{n}: {line.strip()}")
+            if pattern.search(code) and not any(rel == f and snippet in code for f, snippet in allowed):
+                problems.append(f"{rel}:{n}: {line.strip()}")
+    return problems
+
+
+def test_every_file_is_written_through_the_one_helper():
+    """No module but model/common.py renames, torch.saves or writes a file itself; a temporary scratch
+    file that never outlives its TemporaryDirectory is the only exception (the benchmark's corpus slice)."""
+    import re
+
+    allowed = {("scripts/bench.py", "sliced.write_text("),  # a scratch file inside a TemporaryDirectory
+               ("scripts/bench_utils.py", '"/proc/self/clear_refs"')}  # a kernel control file, not a file of ours
+    writes = re.compile(r"os\.replace\(|\.replace\(path\)|torch\.save\(|\w+\.write_text\(|\.write_bytes\(|"
+                        r"open\((?!tmp\b)[^)]*['\"][wa]b?['\"]|\.savefig\((?!tmp)")
+    problems = _code_lines_matching(writes, allowed)
     assert not problems, "files written outside model.common.atomic_write:\n  " + "\n  ".join(problems)
 
 
@@ -125,14 +131,7 @@ def test_one_device_rule_and_one_checkpoint_rule_everywhere():
     # a device check, or a search for a named checkpoint ({name}_*.pth, re.compile(name + ...pth))
     own_rules = re.compile(r"torch\.cuda\.is_available\(\)|backends\.mps\.is_available\(\)|"
                            r"glob\(f[\"'][^\"']*\{[^\"']*\.pth|re\.escape\([^)]*\)\s*\+[^\n]*pth")
-    problems = []
-    for path in _code_files():
-        rel = path.relative_to(ROOT).as_posix()
-        if rel == "model/common.py":
-            continue
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if own_rules.search(line.split("#", 1)[0]):
-                problems.append(f"{rel}:{n}: {line.strip()}")
+    problems = _code_lines_matching(own_rules)
     assert not problems, "a device or checkpoint rule outside model/common.py:\n  " + "\n  ".join(problems)
 
 
