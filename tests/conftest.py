@@ -6,6 +6,7 @@
 - ``make_model``: a seeded smoke-sized TinyMind (optionally with config overrides).
 - ``make_workspace``: tiny pretrain + SFT jsonl files and a byte-level BPE tokenizer trained on them,
   in a folder (the training tests make one per module).
+- ``save_smoke_sft``: a random smoke ``full_sft`` checkpoint for the LoRA training tests.
 - ``quiet``, ``snapshot``, ``assert_bitwise_equal``, ``expect_user_error``: helpers the training tests
   share (import them with ``from conftest import ...``).
 - ``trained_smoke`` (session): a smoke ``full_sft`` with two LoRA files trained on it by train_lora.py;
@@ -76,6 +77,17 @@ def make_workspace(root: Path) -> dict:
     TinyMindTokenizer(train_bpe(texts + [q + " " + a for q, a in QA], vocab_size=320)).save(root / "tok.json")
     return {"root": root, "pre": str(root / "pre.jsonl"), "sft": str(root / "sft.jsonl"),
             "tok": str(root / "tok.json"), "cache": str(root / "cache")}
+
+
+def save_smoke_sft(ws: dict, path: Path) -> Path:
+    """A seeded random smoke model sized to the workspace's tokenizer, saved as a ``full_sft`` checkpoint
+    (random weights are enough for a LoRA to learn on)."""
+    from model.model import TinyMindForCausalLM, get_config, save_model
+    from model.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    cfg = get_config("smoke", vocab_size=len(load_tokenizer(ws["tok"])))
+    return save_model(TinyMindForCausalLM(cfg), path, stage="sft", weight="full_sft")
 
 
 def quiet(fn, *args, **kw):

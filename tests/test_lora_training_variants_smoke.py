@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from model.common import TinyMindError, safe_load
-from model.model import TinyMindForCausalLM, get_config, load_model, save_model
+from model.model import load_model
 from model.model_lora import load_lora, lora_modules, merge_lora
-from model.tokenizer import load_tokenizer
-from conftest import assert_bitwise_equal, expect_user_error, make_workspace, quiet
+from conftest import assert_bitwise_equal, expect_user_error, make_workspace, quiet, save_smoke_sft
 from trainer import train_lora
 
 OURS = ("lora_fa", "delta_lora", "lora_drop")   # what tests/test_lora_variants_smoke.py does not check
@@ -20,10 +19,7 @@ OURS = ("lora_fa", "delta_lora", "lora_drop")   # what tests/test_lora_variants_
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     ws = make_workspace(tmp_path_factory.mktemp("variants_ws"))
-    torch.manual_seed(0)
-    cfg = get_config("smoke", vocab_size=len(load_tokenizer(ws["tok"])))
-    ws["sft_ckpt"] = save_model(TinyMindForCausalLM(cfg), ws["root"] / "base" / "full_sft_64.pth", stage="sft",
-                                weight="full_sft")
+    ws["sft_ckpt"] = save_smoke_sft(ws, ws["root"] / "base" / "full_sft_64.pth")
     return ws
 
 

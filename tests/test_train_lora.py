@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from model.common import safe_load
-from model.model import TinyMindForCausalLM, get_config, load_model, save_model
+from model.model import load_model
 from model.model_lora import base_state_dict, load_lora
-from model.tokenizer import load_tokenizer
-from conftest import assert_bitwise_equal, expect_user_error, make_workspace, quiet, snapshot
+from conftest import assert_bitwise_equal, expect_user_error, make_workspace, quiet, save_smoke_sft, snapshot
 from trainer import train_lora, train_loop, trainer_utils
 
 
@@ -18,10 +17,7 @@ from trainer import train_lora, train_loop, trainer_utils
 def ws(tmp_path_factory):
     """Workspace + a smoke full_sft checkpoint (random weights are enough for LoRA to learn on)."""
     ws = make_workspace(tmp_path_factory.mktemp("lora_ws"))
-    torch.manual_seed(0)
-    cfg = get_config("smoke", vocab_size=len(load_tokenizer(ws["tok"])))
-    ws["sft_ckpt"] = save_model(TinyMindForCausalLM(cfg), ws["root"] / "base" / "full_sft_64.pth", stage="sft",
-                                weight="full_sft")
+    ws["sft_ckpt"] = save_smoke_sft(ws, ws["root"] / "base" / "full_sft_64.pth")
     return ws
 
 

@@ -13,9 +13,9 @@ import re
 import pytest
 import torch
 
-from conftest import make_workspace, quiet
+from conftest import make_workspace, quiet, save_smoke_sft
 from model.common import ROOT
-from model.model import TinyMindForCausalLM, get_config, save_model
+from model.model import TinyMindForCausalLM, get_config
 from model.model_lora import LoRAConfig, apply_lora
 from model.tokenizer import load_tokenizer
 from trainer import train_lora
@@ -27,9 +27,7 @@ from model.lora_variants.lora_plus import make_loraplus_optimizer
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     ws = make_workspace(tmp_path_factory.mktemp("watch_ws"))
-    torch.manual_seed(0)
-    cfg = get_config("smoke", vocab_size=len(load_tokenizer(ws["tok"])))
-    save_model(TinyMindForCausalLM(cfg), ws["root"] / "full_sft_64.pth", stage="sft", weight="full_sft")
+    save_smoke_sft(ws, ws["root"] / "full_sft_64.pth")
     return ws
 
 
