@@ -52,6 +52,14 @@ def raw(api_server, method, path, body=b"", headers=None):
     return r.status, json.loads(data) if r.getheader("Content-Type", "").startswith("application/json") else data
 
 
+def wait_for_log(api_server, line_matches, what, seconds=30):
+    """The server writes its log line after the reply has left, so a client may finish first: wait for it."""
+    deadline = time.monotonic() + seconds
+    while not any(line_matches(x) for x in list(api_server[2])):
+        assert time.monotonic() < deadline, f"the server never logged {what}: {api_server[2][-5:]}"
+        time.sleep(0.02)
+
+
 def test_models_lists_the_base_and_every_adapter_set(client):
     assert [m.id for m in client.models.list().data] == MODELS
 
@@ -73,9 +81,8 @@ def test_plain_and_streamed_replies(client, api_server):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
-    lines = api_server[2]
-    assert any("model=full_sft+lora_identity prompt=" in x and "tokens/s" in x and x.endswith("stream")
-               for x in lines)
+    wait_for_log(api_server, lambda x: "model=full_sft+lora_identity prompt=" in x and "tokens/s" in x
+                 and x.endswith("stream"), "the streamed request")
 
 
 @pytest.mark.parametrize("model,lora", [("full_sft", []), ("full_sft+lora_identity", ["--lora_weight", "lora_identity"])])
@@ -127,7 +134,7 @@ def test_every_error_status_and_the_next_request_works(client, api_server):
     with pytest.raises(openai.BadRequestError, match="context is 512"):
         ask(client, "full_sft", "".join(chr(0x4E00 + i) for i in range(600)))
     assert ask(client, "full_sft+lora_identity", "你是谁？") == IDENTITY_ANSWER
-    assert any(" 413 " in x and "request body is 30000 bytes" in x for x in api_server[2])
+    wait_for_log(api_server, lambda x: " 413 " in x and "request body is 30000 bytes" in x, "the 413")
 
 
 def test_a_bug_is_a_500_and_the_server_goes_on(client, api_server, monkeypatch):
@@ -171,10 +178,7 @@ def test_a_client_dropping_a_stream_does_not_stop_the_server(client, api_server)
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         first = s.recv(4096)
         assert first.startswith(b"HTTP/1.1 200") and b"text/event-stream" in first
-    deadline = time.monotonic() + 30
-    while not any("client disconnected" in x for x in api_server[2]):
-        assert time.monotonic() < deadline, "the server never noticed the dropped client"
-        time.sleep(0.05)
+    wait_for_log(api_server, lambda x: "client disconnected" in x, "the dropped client")
     assert ask(client, "full_sft+lora_identity", "你是谁？") == IDENTITY_ANSWER
 
 
