@@ -310,14 +310,21 @@ class TinyMindForCausalLM(nn.Module):
         """input_ids (B, T); labels (B, T), shifted here (position t predicts t+1), -100 = ignored;
         attention_mask (B, start_pos + T): 1 real, 0 pad; kv_cache/start_pos: write this chunk's keys at
         cache positions [start_pos, start_pos + T); logits_to_keep > 0: the LM head runs on the last
-        positions only (generation needs just one)."""
+        positions only (generation needs just one). With labels the output is (loss, None): the head
+        runs only where there is a label (see below)."""
         h = self.model(input_ids, attention_mask, kv_cache, start_pos)             # (B, T, C)
+        if labels is not None and not logits_to_keep:
+            # Training: position t predicts token t + 1. Only positions whose next token has a label
+            # need the LM head -- in SFT and LoRA data the prompts and the padding have none (about
+            # half to two thirds of the tokens), and the (C x V) head is a third of a tiny model's
+            # compute. So the head runs on the labelled rows only; the loss is the same number, and
+            # logits (not needed for training) is None.
+            targets = labels[:, 1:]
+            keep = targets != -100                                                  # (B, T-1)
+            logits = self.lm_head(h[:, :-1][keep])                                  # (N, V)
+            return CausalLMOutput(F.cross_entropy(logits.float(), targets[keep]), None)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)   # (B, T, V)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-                                   labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutput(loss, logits)
+        return CausalLMOutput(None, logits)
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens: int = 256, temperature: float = 0.85, top_k: int | None = None,

@@ -74,11 +74,21 @@ def test_loss_is_shifted_and_ignores_minus_100():
     m, ids = make_model(), rand_ids(2, 12)
     labels = ids.clone()
     labels[0, :5] = -100
+    labels[1, 9:] = -100                              # right padding
+    rows = []
+    hook = m.lm_head.register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[0]))
     out = m(ids, labels=labels)
-    ref = F.cross_entropy(out.logits[:, :-1].reshape(-1, 6400), labels[:, 1:].reshape(-1), ignore_index=-100)
-    assert torch.allclose(out.loss, ref)
-    out.loss.backward()   # trains: gradients reach the tied embedding
-    assert m.model.embed_tokens.weight.grad is not None
+    hook.remove()
+    assert out.logits is None and rows == [int((labels[:, 1:] != -100).sum())]   # the head ran on labelled rows only
+    full = m(ids).logits
+    ref = F.cross_entropy(full[:, :-1].reshape(-1, 6400), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert torch.allclose(out.loss, ref, atol=1e-6, rtol=0)
+    out.loss.backward()   # trains: gradients reach the tied embedding, the same as through the full head
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    ref.backward()
+    for n, p in m.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-6, rtol=1e-4), n
 
 
 @pytest.mark.parametrize("flash", [True, False])
