@@ -1,7 +1,8 @@
 """Draw the diagrams the docs show, into docs/images/*.png (matplotlib, no network, a few seconds on a CPU).
 
 What this file implements (one function per figure; each reads the real code where there is code to read):
-- ``fig_lora_branch``: the LoRA branch beside the frozen W, and dW = B @ A drawn to scale, with the
+- ``fig_lora_branch``: the LoRA branch beside the frozen W (scaled while r-sized, between A and B, as
+  LoRALinear.forward does), and dW = B @ A drawn to scale, with the
   shapes of the `tiny` preset's q_proj and gate_proj (read from model/model.py) and the rank of
   model_lora.LoRAConfig's default;
 - ``fig_attention_mask``: the boolean mask TinyMindModel.forward really builds for a left-padded batch
@@ -88,23 +89,28 @@ def fig_lora_branch(out_dir: Path) -> Path:
     box(ax, 4.0, 6.1, 2.0, 0.6, f"x  (..., in={i})", GREY)
     box(ax, 0.6, 2.7, 3.6, 2.2, f"W  [out={o}, in={i}]\nfrozen (requires_grad=False)\n{o * i:,} numbers",
         BLUE, fontsize=9)
-    box(ax, 6.0, 4.2, 3.2, 0.8, f"A  [r={r}, in={i}]\nKaiming-uniform init", ORANGE, fontsize=8.5)
-    box(ax, 6.0, 2.6, 3.2, 0.8, f"B  [out={o}, r={r}]\nzero init", ORANGE, fontsize=8.5)
-    box(ax, 6.0, 1.45, 3.2, 0.6, f"x scaling = alpha / r = {alpha:g}/{r}", GREEN, fontsize=8.5)
+    # A, then the scaling on the r-sized z (as LoRALinear.forward does: fewer numbers to multiply), then B
+    box(ax, 6.0, 4.35, 3.2, 0.7, f"A  [r={r}, in={i}]\nKaiming-uniform init", ORANGE, fontsize=8.5)
+    box(ax, 6.0, 3.35, 3.2, 0.6, f"z = (A x) * alpha / r = {alpha:g}/{r}\nscaled while it is r-sized", GREEN,
+        fontsize=8)
+    box(ax, 6.0, 2.15, 3.2, 0.8, f"B  [out={o}, r={r}]\nzero init", ORANGE, fontsize=8.5)
     ax.add_patch(plt.Circle((5.0, 0.75), 0.32, fc="white", ec="black"))
     ax.text(5.0, 0.75, "+", ha="center", va="center", fontsize=16)
     box(ax, 6.3, 0.35, 3.0, 0.55, f"y  (..., out={o})", GREY)
     arrow(ax, 4.7, 6.1, 2.6, 4.95)
     arrow(ax, 5.3, 6.1, 7.6, 5.05)
     ax.text(6.75, 5.65, "lora_dropout (training only)", fontsize=7.5, color=GREY)
-    arrow(ax, 7.6, 4.2, 7.6, 3.45)
-    ax.text(7.7, 3.75, f"(..., r={r})", fontsize=7.5)
-    arrow(ax, 7.6, 2.6, 7.6, 2.1)
+    arrow(ax, 7.6, 4.35, 7.6, 3.95)
+    ax.text(7.7, 4.05, f"(..., r={r})", fontsize=7.5)
+    arrow(ax, 7.6, 3.35, 7.6, 2.95)
+    ax.text(7.7, 3.02, f"z (..., r={r})", fontsize=7.5)
     arrow(ax, 2.4, 2.7, 4.7, 0.9)
-    arrow(ax, 6.0, 1.6, 5.3, 0.95)
+    arrow(ax, 7.0, 2.15, 5.3, 0.95)
+    ax.text(6.45, 1.45, f"B z  (..., out={o})", fontsize=7.5)
     arrow(ax, 5.32, 0.75, 6.3, 0.65)
-    ax.text(0.4, 0.2, "y = W x + (alpha / r) * B (A x)\ntrainable: A and B only, r*(in+out) = "
-            f"{r * (i + o):,} per layer", fontsize=9, family="monospace")
+    ax.text(0.1, 5.9, "y = W x + B z\nz = (alpha / r) * (A x)", fontsize=9, family="monospace")
+    ax.text(0.4, 0.2, f"trainable: A and B only, r*(in+out) = {r * (i + o):,} per layer", fontsize=9,
+            family="monospace")
     ax.set_title(f"LoRALinear on q_proj of the `tiny` preset (r={r}, alpha={alpha:g})", fontsize=10)
 
     # right: dW = B @ A drawn to scale for a non-square layer
