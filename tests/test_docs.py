@@ -9,7 +9,9 @@ Checks, over docs/*.md and README.md / README_zh.md:
   is a line of the file, in the same order (a line ``...`` marks an elision);
 - every local link and image in the docs points to a file that exists;
 - the tables between ``<!-- doc_numbers:NAME -->`` markers equal what scripts/doc_numbers.py prints
-  (parameter counts and LoRA percentages computed from the code).
+  (parameter counts and LoRA percentages computed from the code);
+- the evaluation tables in docs/04-lora.md and README.md equal the committed report
+  docs/results/eval_report.md, row for row.
 
 Everything is parsed with ``ast`` (no model is built except on the meta device), so this runs in seconds.
 """
@@ -199,3 +201,58 @@ def test_doc_number_tables_match_the_code():
                                 f"run `python scripts/doc_numbers.py --update`")
     assert found, "no <!-- doc_numbers:... --> blocks in the docs"
     assert not problems, "\n  ".join(problems)
+
+
+# ----------------------------------------------------------------------------- committed results
+
+RESULTS = DOCS / "results"
+
+
+def markdown_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
+    """Every pipe table in ``text`` as (header cells, body rows); the |---| rule line is dropped."""
+    tables, block = [], []
+    for line in text.splitlines() + [""]:
+        if line.strip().startswith("|"):
+            block.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        if len(block) >= 2 and all(set(c) <= set("-: ") for c in block[1]):
+            tables.append((block[0], block[2:]))
+        block = []
+    return tables
+
+
+def eval_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
+    """The evaluation tables outside code blocks (a command's printed output may show one row): the
+    first column is ``variant`` and one column is ``general QA``."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    return [(h, rows) for h, rows in markdown_tables(text) if h[0] == "variant" and "general QA" in h]
+
+
+def committed_eval_report() -> tuple[list[str], list[list[str]], str]:
+    text = (RESULTS / "eval_report.md").read_text(encoding="utf-8")
+    tables = eval_tables(text)
+    assert len(tables) == 1, "docs/results/eval_report.md should hold exactly one evaluation table"
+    meta = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("|")]
+    return tables[0][0], tables[0][1], meta[-1].strip()
+
+
+@pytest.mark.parametrize("doc", ["docs/04-lora.md", "README.md"])
+def test_printed_eval_tables_equal_the_committed_report(doc):
+    """A table of scores in the LoRA chapter or the README is docs/results/eval_report.md, row for row.
+
+    Columns are matched by name, so a table may show a subset of the report's columns (the README leaves
+    out the held-out loss). Whatever run is committed under docs/results/, the printed numbers must be it.
+    """
+    header, rows, meta = committed_eval_report()
+    text = (ROOT / doc).read_text(encoding="utf-8")
+    printed = eval_tables(text)
+    if doc.startswith("docs/"):
+        assert printed, f"{doc}: no evaluation table (| variant | general QA | ...)"
+        assert meta in text, f"{doc}: the report's machine / command / date line is not quoted: {meta!r}"
+    for shown_header, shown_rows in printed:
+        unknown = [c for c in shown_header if c not in header]
+        assert not unknown, f"{doc}: columns {unknown} are not in docs/results/eval_report.md ({header})"
+        cols = [header.index(c) for c in shown_header]
+        want = [[row[i] for i in cols] for row in rows]
+        assert shown_rows == want, (f"{doc}: the table {shown_header} differs from docs/results/eval_report.md;"
+                                    f"\n  printed: {shown_rows}\n  report:  {want}")
