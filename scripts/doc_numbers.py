@@ -9,7 +9,7 @@ What this file implements:
   only, and the layers MiniMind's "square matrices only" rule would pick);
 - ``lora_layer_table``: the shapes of A and B for each target layer of one block (``tiny``, r = 8);
 - ``variant_table``: trainable parameters of every variant in model/lora_variants on ``tiny`` and ``small``,
-  with the flags' defaults of trainer/train_lora.py (r = 8, alpha = 16 where the variant uses them);
+  with r = 8, alpha = 16 (LoRAConfig's defaults; train_lora.py's are 16 and 32) and its other flags' defaults;
 - ``scaling_table``: ``LoRAConfig.scaling`` for alpha = 16 across ranks, plain and rsLoRA;
 - ``render_blocks`` / ``--update``: the docs hold these tables between ``<!-- doc_numbers:NAME -->``
   markers; ``--update`` rewrites them there, and tests/test_docs.py fails when they differ.
@@ -138,7 +138,7 @@ def lora_layer_table(preset: str = "tiny", rank: int = 8) -> str:
 
 
 def variant_counts(preset: str, name: str) -> tuple[int, int, int]:
-    """(rank used, trainable, base parameters) of variant ``name`` with train_lora.py's default flags."""
+    """(rank used, trainable, base parameters) of variant ``name`` with r = 8, alpha = 16 and train_lora.py's other defaults."""
     from model.lora_variants import config_from_args, get_variant
     from trainer.train_lora import build_parser
 
