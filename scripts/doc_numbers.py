@@ -138,7 +138,7 @@ def lora_layer_table(preset: str = "tiny", rank: int = 8) -> str:
 
 
 def variant_counts(preset: str, name: str) -> tuple[int, int, int]:
-    """(rank used, trainable, base parameters) of variant ``name`` with r = 8, alpha = 16 and train_lora.py's other defaults."""
+    """(rank used, trainable, base parameters) of variant ``name``: r = 8, alpha = 16, other flags default."""
     from model.lora_variants import config_from_args, get_variant
     from trainer.train_lora import build_parser
 
