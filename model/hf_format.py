@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from model.common import TinyMindError, atomic_write, atomic_write_text, safe_load
 from model.model import TinyMindConfig, TinyMindForCausalLM
-from model.model_lora import find_targets
+from model.model_lora import LoRAEmbedding, find_targets
 from model.tokenizer import BOS_TOKEN, CHAT_TEMPLATE_JINJA, EOS_TOKEN, PAD_TOKEN, load_tokenizer
 
 ARCHS = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}   # model_type -> class name
@@ -282,6 +282,7 @@ def export_peft(obj: dict, model, out: Path, base_model: str) -> list[Path]:
     bad = [k for k in adapter if k.rpartition(".")[2] not in ("lora_A", "lora_B")]
     if bad:
         raise TinyMindError(f"LoRA tensors {bad[:3]} have no PEFT name for variant {lora_variant(obj)!r}")
+    embedding = {n for n in names if isinstance(model.get_submodule(n), (torch.nn.Embedding, LoRAEmbedding))}
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": int(lc["rank"]), "lora_alpha": float(lc["alpha"]), "lora_dropout": float(lc.get("dropout", 0.0)),
@@ -293,9 +294,17 @@ def export_peft(obj: dict, model, out: Path, base_model: str) -> list[Path]:
         **settings,
     }
     out.mkdir(parents=True, exist_ok=True)
-    write_safetensors({f"{PEFT_PREFIX}{k}.weight": v for k, v in adapter.items()}, out / "adapter_model.safetensors")
+    write_safetensors({peft_key(k, k.rpartition(".")[0] in embedding): v for k, v in adapter.items()},
+                      out / "adapter_model.safetensors")
     write_json(out / "adapter_config.json", config)
     return sorted(out.iterdir())
+
+
+def peft_key(key: str, embedding: bool) -> str:
+    """PEFT's name of "<module>.lora_A": "...<module>.lora_A.weight" (an nn.Linear inside PEFT), or, on an
+    embedding, "...<module>.lora_embedding_A" (a bare parameter, same [r, vocab] / [dim, r] shapes)."""
+    module, _, leaf = key.rpartition(".")
+    return f"{PEFT_PREFIX}{module}.lora_embedding_{leaf[-1]}" if embedding else f"{PEFT_PREFIX}{key}.weight"
 
 
 def read_peft(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -321,9 +330,12 @@ def read_peft(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     adapter = {}
     for key, t in state.items():
         body = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else None
+        if body is not None and body.endswith((".lora_embedding_A", ".lora_embedding_B")):
+            adapter[f"{body[:-len('_embedding_A')]}_{body[-1]}"] = t.float()   # "<module>.lora_A" / "lora_B"
+            continue
         if body is None or not body.endswith((".lora_A.weight", ".lora_B.weight")):
             raise TinyMindError(f"{weights.name}: unknown adapter tensor {key!r} (TinyMind reads "
-                                f"{PEFT_PREFIX}<module>.lora_A.weight / .lora_B.weight)")
+                                f"{PEFT_PREFIX}<module>.lora_A.weight / .lora_B.weight / .lora_embedding_A / _B)")
         adapter[body[:-len(".weight")]] = t.float()
     if not adapter:
         raise TinyMindError(f"{weights.name}: no LoRA tensors")

@@ -12,6 +12,8 @@ What this file implements:
 - ``LoRAConfig``: rank, alpha, targets, dropout, rsLoRA and the init of A (a dataclass, saved in every LoRA file).
 - ``LoRALinear``: an explicit wrapper module around an ``nn.Linear`` (no patched ``forward``) holding any
   number of named adapters; ``merge()`` / ``unmerge()`` fold the active ones into W (in fp32, idempotent).
+- ``LoRAEmbedding``: the same update on the token embedding (target ``embed_tokens``): every token gets
+  r trainable numbers of its own, which is what new knowledge keyed on a word needs.
 - ``apply_lora``: wrap the target layers (suffix list, ``all-linear`` or ``re:<regex>``), freeze the rest.
 - ``save_lora`` / ``load_lora``: self-describing adapter files, checked against the base model on load.
 - ``merge_lora`` / ``unmerge_lora`` / ``base_state_dict``: fold adapters in (no extra inference cost) and
@@ -84,7 +86,7 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear):
         super().__init__()
         self.base = base                       # the original layer; its weight keeps its values (and dtype)
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = self.sizes(base)
         self.lora_A = nn.ParameterDict()       # adapter name -> [r, in]
         self.lora_B = nn.ParameterDict()       # adapter name -> [out, r]
         self.lora_dropout = nn.ModuleDict()    # adapter name -> Dropout or Identity
@@ -93,6 +95,10 @@ class LoRALinear(nn.Module):
         self.configs: dict[str, LoRAConfig] = {}
         self.active: tuple[str, ...] = ()      # a tuple: torch.compile guards on it cheaply, no graph breaks
         self.merged_adapters: tuple[str, ...] = ()   # the adapters now folded into base.weight
+
+    @staticmethod
+    def sizes(base: nn.Module) -> tuple[int, int]:
+        return base.in_features, base.out_features
 
     @property
     def merged(self) -> bool:
@@ -174,6 +180,73 @@ class LoRALinear(nn.Module):
         return f"ranks={ranks}, active={self.active}, merged={self.merged}"
 
 
+class LoRAEmbedding(LoRALinear):
+    """LoRA on a token embedding (PEFT: ``target_modules=["embed_tokens"]``).
+
+    Looking up row ``i`` of the embedding E [vocab, dim] is the linear map W x with W = E^T [dim, vocab] and
+    x the one-hot vector of ``i``. So the update is LoRALinear's, with in = vocab and out = dim:
+
+        E'[i] = E[i] + s * B @ A[:, i]          A: [r, vocab], B: [dim, r]
+
+    and ``A x`` is column ``i`` of A: a lookup too (``F.embedding(ids, A^T)``), never a vocab-sized product.
+    Every token owns r numbers (its column of A) and all tokens share B. That is what a frozen model
+    lacks when new knowledge hangs on a word: the 62 condition names of the medical data are single tokens
+    whose frozen rows the pretraining gave no reason to tell apart; their columns of A can.
+
+    As in PEFT, A starts at zero (the update starts at zero) and B is random; PEFT draws B from N(0, 1),
+    made for embeddings of unit scale, while TinyMind's rows have std ~0.1, so B is drawn at the
+    embedding's own std (one step of A moves a row by a fraction of its length, not several times it).
+    Only the lookup changes: a tied LM head keeps reading the frozen E (``merge`` unties them).
+    Plain LoRA (and LoRA+, which only changes the optimizer) only: the variants adapt linear layers.
+    """
+    VARIANTS = ("lora", "lora_plus")
+
+    @staticmethod
+    def sizes(base: nn.Module) -> tuple[int, int]:
+        return base.num_embeddings, base.embedding_dim   # (in, out) of the one-hot view
+
+    def add_adapter(self, name: str, cfg: LoRAConfig, scaling: float | None = None):
+        if cfg.variant not in self.VARIANTS:
+            raise TinyMindError(f"LoRA variant {cfg.variant!r} adapts linear layers only; drop embed_tokens from "
+                                f"the targets (embedding adapters: {', '.join(self.VARIANTS)})")
+        w = self.base.weight
+        self.lora_A[name] = nn.Parameter(torch.zeros(cfg.rank, self.in_features, device=w.device, dtype=w.dtype))
+        B = torch.randn(self.out_features, cfg.rank, device=w.device, dtype=w.dtype)
+        self.lora_B[name] = nn.Parameter(B * w.detach().float().std().to(w.dtype))
+        self.lora_dropout[name] = nn.Identity()   # ids have nothing to drop (PEFT applies none here either)
+        self.scaling[name] = cfg.scaling if scaling is None else scaling
+        self.configs[name] = cfg
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: (...) -> (..., dim)
+        y = self.base(ids)
+        if self.merged:
+            return y
+        for name in self.active:
+            z = F.embedding(ids, self.lora_A[name].t()) * self.scaling[name]   # (..., r): column ids of A
+            y = y + (z @ self.lora_B[name].t()).to(y.dtype)                   # (..., dim)
+        return y
+
+    @torch.no_grad()
+    def merge(self):
+        """E <- E + (sum of deltas)^T, into a new tensor: the old one may be the tied LM head's, which
+        must keep reading the frozen E. ``merge_lora`` then marks the model untied."""
+        if self.merged or not self.active:
+            return
+        w = self.base.weight
+        delta = sum(self.delta_weight(n) for n in self.active).t()          # [vocab, dim]
+        self._unmerged = (w,)                      # a tuple: not registered as a parameter of this module
+        self.base.weight = nn.Parameter((w.float() + delta).to(w.dtype), requires_grad=False)
+        self.merged_adapters = self.active
+
+    @torch.no_grad()
+    def unmerge(self):
+        if not self.merged:
+            return
+        self.base.weight = self._unmerged[0]       # the original (tied) tensor itself, bit for bit
+        del self._unmerged
+        self.merged_adapters = ()
+
+
 # ----------------------------------------------------------------------------- finding and wrapping layers
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -193,30 +266,34 @@ def find_targets(model: nn.Module, targets: str) -> list[str]:
     """Module names ``targets`` selects; a suffix or regex that matches nothing is an error.
 
     Candidates are the linear layers (or existing wrappers) except anything sharing an embedding's weight
-    (the tied lm_head) and ``lm_head`` itself: the vocabulary projection is never adapted.
+    (the tied lm_head) and ``lm_head`` itself: the vocabulary projection is never adapted. The token
+    embedding is a candidate too, but only when named in the list (``embed_tokens``), never by ``all-linear``
+    or a regex.
     """
     core = unwrap_model(model)
     tied = {id(m.weight) for m in core.modules() if isinstance(m, nn.Embedding)}
     wrapped = {n for n, _ in lora_modules(core)}
     cands = [n for n, m in core.named_modules() if n in wrapped or (
-        isinstance(m, nn.Linear) and n.rpartition(".")[0] not in wrapped and n != "lm_head" and id(m.weight) not in tied)]
+        isinstance(m, (nn.Linear, nn.Embedding)) and n.rpartition(".")[0] not in wrapped and n != "lm_head"
+        and (isinstance(m, nn.Embedding) or id(m.weight) not in tied))]
+    linear = [n for n in cands if not isinstance(core.get_submodule(n), (nn.Embedding, LoRAEmbedding))]
     if targets == "all-linear":
-        return cands
+        return linear
     if targets.startswith("re:"):
         try:
             pattern = re.compile(targets[3:])
         except re.error as e:
             raise TinyMindError(f"LoRA targets {targets!r}: bad regex ({e})") from None
-        names = [n for n in cands if pattern.fullmatch(n)]
+        names = [n for n in linear if pattern.fullmatch(n)]
         if not names:
-            raise TinyMindError(f"LoRA targets {targets!r} match no linear layer (names look like {cands[:2]})")
+            raise TinyMindError(f"LoRA targets {targets!r} match no layer (names look like {cands[:2]})")
         return names
     names = []
     for suffix in [t.strip() for t in targets.split(",") if t.strip()]:
         hits = [n for n in cands if n == suffix or n.endswith("." + suffix)]
         if not hits:
             known = sorted({n.rpartition(".")[2] for n in cands})
-            raise TinyMindError(f"LoRA target {suffix!r} matches no linear layer; known: {', '.join(known)}")
+            raise TinyMindError(f"LoRA target {suffix!r} matches no layer; known: {', '.join(known)}")
         names += [n for n in hits if n not in names]
     return names
 
@@ -255,12 +332,17 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | None = None, adapter_name: st
     variant = get_variant(cfg.variant)             # an unknown variant fails before anything changes
     core = unwrap_model(model)
     names = find_targets(core, cfg.targets)   # raises before anything is changed
+    if cfg.variant not in LoRAEmbedding.VARIANTS and any(
+            isinstance(core.get_submodule(n), (nn.Embedding, LoRAEmbedding)) for n in names):
+        raise TinyMindError(f"LoRA variant {cfg.variant!r} adapts linear layers only; drop embed_tokens from the "
+                            f"targets (embedding adapters: {', '.join(LoRAEmbedding.VARIANTS)})")
     active = adapter_names(core, active_only=True)
     for name in names:
         layer = core.get_submodule(name)
         if not isinstance(layer, LoRALinear):  # swap the nn.Linear for a wrapper that holds it
             parent, _, child = name.rpartition(".")
-            layer = LoRALinear(layer).train(layer.training)
+            wrapper = LoRAEmbedding if isinstance(layer, nn.Embedding) else LoRALinear
+            layer = wrapper(layer).train(layer.training)
             setattr(core.get_submodule(parent), child, layer)
         layer.add_adapter(adapter_name, cfg)
     _set_active(core, active + (adapter_name,))
@@ -299,16 +381,28 @@ def disable_adapters(model: nn.Module):
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold the active adapters into the base weights: forward then costs what the plain model costs."""
+    """Fold the active adapters into the base weights: forward then costs what the plain model costs.
+    An embedding adapter merged into a tied embedding unties it (the LM head keeps the frozen matrix), and
+    the config says so, so that a merged checkpoint saves and loads both matrices."""
     for _, m in lora_modules(model):
         m.merge()
+    _sync_tie_flag(model)
     return model
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
     for _, m in lora_modules(model):
         m.unmerge()
+    _sync_tie_flag(model)
     return model
+
+
+def _sync_tie_flag(model: nn.Module):
+    core = unwrap_model(model)
+    head, cfg = getattr(core, "lm_head", None), getattr(core, "config", None)
+    if head is not None and hasattr(cfg, "tie_word_embeddings") and any(
+            isinstance(m, LoRAEmbedding) for _, m in lora_modules(core)):
+        cfg.tie_word_embeddings = any(m.weight is head.weight for m in core.modules() if isinstance(m, nn.Embedding))
 
 
 def combine_adapters(model: nn.Module, names, weights, new_name: str) -> str:
@@ -426,7 +520,10 @@ def _expected_state(core: nn.Module, names: list[str], cfg: LoRAConfig) -> dict[
     expected = {}
     for n in names:
         layer = core.get_submodule(n)
-        probe = LoRALinear(nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta"))
+        if isinstance(layer, (nn.Embedding, LoRAEmbedding)):
+            probe = LoRAEmbedding(nn.Embedding(*LoRAEmbedding.sizes(getattr(layer, "base", layer)), device="meta"))
+        else:
+            probe = LoRALinear(nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta"))
         probe.add_adapter("probe", cfg)
         expected.update({f"{n}.{k}": tuple(t.shape) for k, t in _layer_state(probe, "probe").items()})
     return expected

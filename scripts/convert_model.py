@@ -131,7 +131,7 @@ def import_lora(args, fields: dict, adapter: dict[str, torch.Tensor], source: st
     base_path = find_checkpoint(args.save_dir, args.weight, args.hidden_size, "base checkpoint")
     model, _ = load_model(base_path)
     new_file(args, args.lora_name, model.config.hidden_size, "--lora_name")   # refuse before any work
-    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    linear = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
     names = set(k.rpartition(".")[0] for k in adapter)
     missing = sorted(names - set(linear))
     if missing:

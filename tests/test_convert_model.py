@@ -48,7 +48,7 @@ def save_adapter(model, out: Path, name="lora_identity", **cfg) -> TinyMindForCa
     torch.manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if ".lora_B." in n:
+            if ".lora_B." in n or "embed_tokens.lora_A." in n:   # an embedding's A starts at zero too
                 p.normal_(0, 0.05)
     save_lora(model, out / f"{name}_64.pth", adapter_name=name)
     return model
@@ -144,6 +144,7 @@ def test_merged_lora_export(out, tmp_path):
 
 @pytest.mark.parametrize("cfg", [dict(use_rslora=True),                      # all seven layer kinds
                                  dict(targets="q_proj,v_proj,up_proj"),       # a subset, by suffix
+                                 dict(targets="embed_tokens,v_proj"),         # the token embedding too
                                  dict(targets=r"re:model\.layers\.0\..*")])   # layer 0 only: full names
 def test_lora_peft_round_trip_is_exact(out, tmp_path, cfg):
     save_adapter(save_base(out), out, **cfg)
@@ -164,11 +165,18 @@ def test_lora_peft_round_trip_is_exact(out, tmp_path, cfg):
 def test_peft_model_gives_tinymind_logits(out, tmp_path):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
-    model = save_adapter(save_base(out), out, use_rslora=True)
+    save_adapter(save_base(out), out, use_rslora=True, targets="all-linear")
+    save_adapter(random_model(), out, name="lora_medical", targets="embed_tokens,down_proj")   # its own file
+    model = random_model()                                                      # TinyMind with both active
+    for name in ("lora_identity", "lora_medical"):
+        load_lora(model, out / f"{name}_64.pth")
     convert(out, "--weight", "full_sft", "--to", "hf", "--out", tmp_path / "hf")
     convert(out, "--weight", "full_sft", "--lora_weight", "lora_identity", "--to", "peft", "--out", tmp_path / "peft")
     hf = load_hf(transformers, tmp_path / "hf", "LlamaForCausalLM")
-    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+    convert(out, "--weight", "full_sft", "--lora_weight", "lora_medical", "--to", "peft", "--out", tmp_path / "med")
+    peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "peft", adapter_name="identity").eval()
+    peft_model.load_adapter(tmp_path / "med", adapter_name="medical")
+    peft_model.base_model.set_adapter(["identity", "medical"])
     assert torch.allclose(logits(peft_model), logits(model), atol=1e-4)
 
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from model.common import TinyMindError, atomic_save, safe_load
 from model.model import TinyMindForCausalLM, get_config, load_model, save_model
-from model.model_lora import (LoRAConfig, LoRALinear, adapter_names, apply_lora, base_state_dict, combine_adapters,
+from model.model_lora import (LoRAConfig, LoRAEmbedding, LoRALinear, adapter_names, apply_lora, base_state_dict, combine_adapters,
                               disable_adapters, load_lora, lora_modules, merge_lora, save_lora, set_active_adapters,
                               unmerge_lora)
 
@@ -24,11 +24,15 @@ make_model = build_model  # a seeded smoke-sized model (tests/conftest.py)
 
 
 def randomize_B(model, name="default", seed=1, std=0.05):
+    """A non-zero update (a zero one would hide a wrong mapping): random B, and on an embedding, whose
+    A starts at zero, random A too."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, m in lora_modules(model):
             if name in m.lora_B:
                 m.lora_B[name].copy_(torch.randn(m.lora_B[name].shape, generator=g) * std)
+            if name in m.lora_A and isinstance(m, LoRAEmbedding):
+                m.lora_A[name].copy_(torch.randn(m.lora_A[name].shape, generator=g))
 
 
 def tokens(seed=0, B=2, T=12, vocab=None):
@@ -284,6 +288,68 @@ def test_combined_adapter_equals_weighted_sum_of_deltas(tmp_path):
     torch.testing.assert_close(logits(fresh, x), mixed, rtol=0, atol=0)
 
 
+# ---------------------------------------------------------------------------- LoRA on the token embedding
+
+def test_embedding_lora_starts_at_zero_is_a_lookup_and_leaves_the_tied_head_frozen():
+    model, x = make_model(), tokens()
+    base = logits(model, x)
+    info = apply_lora(model, targets="embed_tokens", **CFG)
+    emb = model.model.embed_tokens
+    V, d = model.config.vocab_size, model.config.hidden_size
+    assert info["wrapped"] == ["model.embed_tokens"] and isinstance(emb, LoRAEmbedding)
+    assert info["trainable"] == CFG["rank"] * (V + d)                      # A [r, vocab], B [dim, r]
+    assert torch.equal(logits(model, x), base)                             # A = 0: exactly the base model
+    assert model.lm_head.weight is emb.base.weight                         # still one tied matrix
+    randomize_B(model)
+    E, A, B = emb.base.weight, emb.lora_A["default"], emb.lora_B["default"]
+    want = (E + 3.0 * (B @ A).t())[x]                                       # E'[i] = E[i] + s * B @ A[:, i]
+    torch.testing.assert_close(emb(x), want, rtol=0, atol=1e-6)
+    h = model.model(x)                                                      # the head reads the frozen E
+    torch.testing.assert_close(logits(model, x), h.detach() @ E.t(), rtol=0, atol=1e-5)
+    model(x, labels=x).loss.backward()                                      # only the seen tokens' columns learn
+    seen = torch.zeros(V, dtype=torch.bool)
+    seen[x.flatten()] = True
+    assert (A.grad[:, ~seen] == 0).all() and (A.grad[:, seen] != 0).any() and E.grad is None
+
+
+def test_embedding_lora_merges_untied_saves_plain_and_unmerges_to_the_same_tensor(tmp_path):
+    model, x = lora_model(targets="q_proj,embed_tokens"), tokens()
+    emb, head = model.model.embed_tokens, model.lm_head.weight
+    E0 = emb.base.weight.detach().clone()
+    before = logits(model, x)
+    merge_lora(model)
+    torch.testing.assert_close(logits(model, x), before, rtol=0, atol=1e-5)
+    assert model.lm_head.weight is head and torch.equal(head, E0)          # the head's matrix was not written
+    assert model.config.tie_word_embeddings is False                       # the merged model is untied
+    saved = save_model(model, tmp_path / "merged.pth", state_dict=base_state_dict(model))
+    plain, _ = load_model(saved)
+    assert plain.config.tie_word_embeddings is False
+    torch.testing.assert_close(logits(plain, x), before, rtol=0, atol=1e-5)
+    unmerge_lora(model)
+    assert emb.base.weight is head and torch.equal(head, E0) and model.config.tie_word_embeddings is True
+    torch.testing.assert_close(logits(model, x), before, rtol=0, atol=1e-6)   # (q_proj's W: float rounding)
+
+
+def test_embedding_lora_files_combine_and_linear_only_variants_refuse(tmp_path):
+    model, x = lora_model(name="a", targets="embed_tokens,v_proj"), tokens()
+    apply_lora(model, adapter_name="b", rank=2, alpha=2.0, targets="embed_tokens,up_proj")
+    randomize_B(model, "b", seed=2)
+    both = logits(model, x)
+    fresh = make_model()
+    for n in ("a", "b"):
+        set_active_adapters(model, n)                                       # each file on its own
+        load_lora(fresh, save_lora(model, tmp_path / f"{n}.pth", adapter_name=n))
+    set_active_adapters(model, "a,b")
+    torch.testing.assert_close(logits(fresh, x), both, rtol=0, atol=0)   # files round-trip, adapters sum
+    combine_adapters(model, ["a", "b"], [1.0, 1.0], "ab")
+    torch.testing.assert_close(logits(model, x), both, rtol=0, atol=1e-5)
+    model = make_model()
+    for variant in ("dora", "vera", "pissa", "lora_fa"):
+        with pytest.raises(TinyMindError, match="adapts linear layers only; drop embed_tokens"):
+            apply_lora(model, targets="q_proj,embed_tokens", variant=variant, **CFG)
+        assert not lora_modules(model)                                      # refused before anything changed
+
+
 def test_set_active_and_disable_adapters():
     model, x = lora_model(name="a"), tokens()
     base = logits(make_model(), x)
@@ -386,12 +452,12 @@ def test_merge_script_writes_a_plain_checkpoint_with_the_lora_logits(tmp_path, c
 
 # ---------------------------------------------------------------------------- cross-check with PEFT
 
-@pytest.mark.parametrize("use_rslora", [False, True])
-def test_same_logits_as_peft(use_rslora):
+@pytest.mark.parametrize("use_rslora,embed", [(False, False), (True, False), (False, True)])
+def test_same_logits_as_peft(use_rslora, embed):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    model, x = lora_model(targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                          use_rslora=use_rslora), tokens()
+    targets = list(ALL7) + ["embed_tokens"] * embed
+    model, x = lora_model(targets=",".join(targets), use_rslora=use_rslora), tokens()
     c = model.config
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
@@ -401,12 +467,14 @@ def test_same_logits_as_peft(use_rslora):
         attention_bias=False, mlp_bias=False)).eval()
     llama.load_state_dict(base_state_dict(model), strict=True)
     peft_model = peft.get_peft_model(llama, peft.LoraConfig(r=CFG["rank"], lora_alpha=CFG["alpha"], lora_dropout=0.0,
-                                                            target_modules=list(ALL7), use_rslora=use_rslora))
+                                                            target_modules=targets, use_rslora=use_rslora))
     peft_params = dict(peft_model.named_parameters())
     with torch.no_grad():
         for name, m in lora_modules(model):
-            for ab in "AB":
-                peft_params[f"base_model.model.{name}.lora_{ab}.default.weight"].copy_(getattr(m, f"lora_{ab}")["default"])
+            for ab in "AB":   # PEFT's embedding layer keeps bare parameters lora_embedding_A / _B, same shapes
+                key = (f"base_model.model.{name}.lora_embedding_{ab}.default" if isinstance(m, LoRAEmbedding)
+                       else f"base_model.model.{name}.lora_{ab}.default.weight")
+                peft_params[key].copy_(getattr(m, f"lora_{ab}")["default"])
     with torch.no_grad():
         theirs = peft_model(input_ids=x).logits
     torch.testing.assert_close(logits(model, x), theirs, rtol=0, atol=1e-4)
