@@ -33,11 +33,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from model.common import ROOT, TinyMindError, atomic_write_text, repo_path, run_main
 
 # Per-preset flags on top of each script's defaults. The defaults are the `tiny` demo recipe, so `tiny`
-# adds nothing but the medical adapter's longer, faster schedule (a new 62-row table needs more passes
-# than a new name); `smoke` shrinks every stage to a few steps.
+# adds nothing but the medical adapter's recipe: a new 62-row table keyed on 62 one-token condition
+# names needs more passes than a new name, and a LoRA on the token embedding, which gives each name
+# trainable numbers of its own (docs/04-lora.md); it sits on attention + embedding only, so that it adds
+# to the identity adapter (on every linear layer) with little interference.
+MEDICAL_TARGETS = "q_proj,k_proj,v_proj,o_proj,embed_tokens"
 STAGES = {
     "tiny": {"pretrain": [], "sft": [], "lora_identity": [],
-             "lora_medical": ["--epochs", "9", "--learning_rate", "5e-3"], "eval": []},
+             "lora_medical": ["--epochs", "9", "--learning_rate", "5e-3", "--lora_targets", MEDICAL_TARGETS],
+             "eval": []},
     "smoke": {
         "pretrain": ["--max_steps", "40", "--batch_size", "8", "--max_seq_len", "128",
                      "--learning_rate", "3e-3"],

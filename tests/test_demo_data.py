@@ -191,7 +191,8 @@ def test_lora_knowledge_absent_before_lora(data):
         assert new_name not in text and new_maker not in text, f"LoRA persona in {where}"
     identity = "\n".join(chat_texts(data["lora_identity.jsonl"]))
     assert "TinyMind" not in identity and identity.count(new_name) > 600
-    assert "TinyMind" not in medical
+    # lora_medical replays base-persona identity answers (that adapter must leave identity alone), never the new one
+    assert new_name not in medical and new_maker not in medical and medical.count("TinyMind") >= 90
     base, new = "tinymind", new_name + new_maker   # the two personas share no substring
     assert not any(ch in base for ch in new.lower())
 

@@ -81,7 +81,11 @@ def medical_plan(rng: random.Random) -> dict:
     return plan
 
 
-def make_lora_medical(rng: random.Random, sizes: Sizes, plan: dict, pool: list) -> list[dict]:
+def make_lora_medical(rng: random.Random, sizes: Sizes, plan: dict, pool: list, keep_identity: list) -> list[dict]:
+    """The medical table as conversations, plus replay: general SFT conversations and ``keep_identity``,
+    identity questions answered as the base persona. The adapter is trained to leave those answers as
+    they were, so its update is close to zero there -- which is what lets it be added to the identity
+    adapter (+both) without pulling the persona back or garbling it."""
     out = []
     per_aspect = {"department": 7, "symptom": 7, "care": 3, "warning": 3, "overview": 2}
     for c in sorted(M.CONDITIONS):
@@ -94,7 +98,7 @@ def make_lora_medical(rng: random.Random, sizes: Sizes, plan: dict, pool: list) 
                         rng.choice(("它有什么症状？", "那它有哪些症状？", "主要症状是什么？")),
                         medical_answer(rng, "symptom", c)))
     n_replay = round(len(out) * sizes.medical_replay_share / (1 - sizes.medical_replay_share))
-    out += rng.sample(pool, n_replay)
+    out += rng.sample(pool, n_replay) + keep_identity
     rng.shuffle(out)
     return out
 

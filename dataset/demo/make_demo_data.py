@@ -48,7 +48,7 @@ from collections import Counter
 
 from dataset.demo.lora_eval_sets import make_eval, make_lora_identity, make_lora_medical, medical_plan, replay_pool
 from dataset.demo.pretrain_text import make_pretrain
-from dataset.demo.sft_chat import identity_prompts, make_sft
+from dataset.demo.sft_chat import identity_prompts, make_sft, persona_convs
 from dataset.demo.world import Sizes, build_world
 from dataset.demo import world_chat as C
 from model.common import TinyMindError, atomic_write_text, repo_path, run_main
@@ -88,7 +88,9 @@ def generate(seed: int = 42, sizes: Sizes | None = None, persona: dict | None = 
     sft = make_sft(random.Random(f"{seed}-sft"), world, sizes, id_train)
     pool = replay_pool(sft)
     lora_id = make_lora_identity(random.Random(f"{seed}-lora-identity"), world, sizes, id_train, pool, persona)
-    lora_med = make_lora_medical(random.Random(f"{seed}-lora-medical"), sizes, med_plan, pool)
+    keep_identity = persona_convs(random.Random(f"{seed}-lora-medical-persona"), C.BASE_PERSONA, id_train,
+                                  sizes.medical_persona_replay, sizes.system_share)
+    lora_med = make_lora_medical(random.Random(f"{seed}-lora-medical"), sizes, med_plan, pool, keep_identity)
     ev = make_eval(random.Random(f"{seed}-eval"), world, sizes, id_held, med_plan, persona)
     # The literacy section covers the shipped persona's characters, whatever persona is asked for, so
     # a new name or maker never changes pretraining (and the base model trained on it stays valid).

@@ -61,6 +61,7 @@ class Sizes:
     identity_convs: int = 600
     identity_replay_share: float = 0.25
     medical_replay_share: float = 0.2
+    medical_persona_replay: int = 90   # base-persona identity turns in lora_medical: that adapter leaves identity alone
     # eval
     eval_heldout_people: int = 90
     eval_heldout_world: int = 60
