@@ -1,7 +1,8 @@
 """LoRA fine-tuning: teach a frozen TinyMind a new identity or new knowledge through small adapters.
 
 Loads ``out/{from_weight}_{hidden}.pth``, wraps the target linear layers with ``LoRALinear``
-(model/model_lora.py: y = W x + scaling * B (A x), only A and B train), and runs the same loop as
+(model/model_lora.py: y = W x + scaling * B (A x), only A and B train; ``embed_tokens`` in
+--lora_targets also wraps the token embedding with ``LoRAEmbedding``), and runs the same loop as
 pretraining and SFT (trainer/train_loop.py) on chat data with the assistant-only loss. Writes:
     out/{lora_name}_{hidden}.pth          only the adapter (A/B tensors, LoRA config, base config and
                                           fingerprint), e.g. out/lora_identity_192.pth
@@ -12,7 +13,8 @@ pretraining and SFT (trainer/train_loop.py) on chat data with the assistant-only
 CPU demo on the shipped data (run train_pretrain.py and train_sft.py first):
     python trainer/train_lora.py                                   # lora_identity (the defaults: r=16, 4 epochs)
     python trainer/train_lora.py --lora_name lora_medical --data_path dataset/lora_medical.jsonl \
-        --epochs 9 --learning_rate 5e-3                            # new knowledge needs more passes
+        --epochs 9 --learning_rate 5e-3 --lora_targets q_proj,k_proj,v_proj,o_proj,embed_tokens
+                                         # new knowledge keyed on new words: more passes, and the embedding too
     python trainer/train_lora.py --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --use_rslora 1
     python trainer/train_lora.py --lora_variant dora --lora_name lora_identity_dora   # any of the LoRA family:
     python trainer/train_lora.py --help                            # lists the variants and each one's flags
@@ -54,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_dropout", type=float, default=0.0,
                    help="dropout on the LoRA branch's input only (default: 0)")
     p.add_argument("--lora_targets", default=DEFAULT_TARGETS,
-                   help="layers to adapt: comma list of name suffixes, 'all-linear', or 're:<regex>' "
+                   help="layers to adapt: comma list of name suffixes, 'all-linear', or 're:<regex>'; add "
+                        "embed_tokens to the list to adapt the token embedding too (plain LoRA / LoRA+ only) "
                         f"(default: {DEFAULT_TARGETS})")
     p.add_argument("--use_rslora", type=int, default=0, choices=[0, 1],
                    help="1: rsLoRA scaling alpha / sqrt(r), stable across ranks (default: 0)")
