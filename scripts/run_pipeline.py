@@ -34,13 +34,14 @@ from model.common import ROOT, TinyMindError, atomic_write_text, repo_path, run_
 
 # Per-preset flags on top of each script's defaults. The defaults are the `tiny` demo recipe, so `tiny`
 # adds nothing but the medical adapter's recipe: a new 62-row table keyed on 62 one-token condition
-# names needs more passes than a new name, and a LoRA on the token embedding, which gives each name
-# trainable numbers of its own (docs/04-lora.md); it sits on attention + embedding only, so that it adds
-# to the identity adapter (on every linear layer) with little interference.
+# names needs more passes than a new name, a larger step with some weight decay, and a LoRA on the token
+# embedding, which gives each name trainable numbers of its own (docs/04-lora.md); it sits on attention +
+# embedding only, so that it adds to the identity adapter (on every linear layer) with little interference.
 MEDICAL_TARGETS = "q_proj,k_proj,v_proj,o_proj,embed_tokens"
 STAGES = {
     "tiny": {"pretrain": [], "sft": [], "lora_identity": [],
-             "lora_medical": ["--epochs", "9", "--learning_rate", "5e-3", "--lora_targets", MEDICAL_TARGETS],
+             "lora_medical": ["--epochs", "9", "--learning_rate", "7e-3", "--weight_decay", "0.1",
+                              "--lora_targets", MEDICAL_TARGETS],
              "eval": []},
     "smoke": {
         "pretrain": ["--max_steps", "40", "--batch_size", "8", "--max_seq_len", "128",

@@ -13,7 +13,7 @@ pretraining and SFT (trainer/train_loop.py) on chat data with the assistant-only
 CPU demo on the shipped data (run train_pretrain.py and train_sft.py first):
     python trainer/train_lora.py                                   # lora_identity (the defaults: r=16, 4 epochs)
     python trainer/train_lora.py --lora_name lora_medical --data_path dataset/lora_medical.jsonl \
-        --epochs 9 --learning_rate 5e-3 --lora_targets q_proj,k_proj,v_proj,o_proj,embed_tokens
+        --epochs 9 --learning_rate 7e-3 --weight_decay 0.1 --lora_targets q_proj,k_proj,v_proj,o_proj,embed_tokens
                                          # new knowledge keyed on new words: more passes, and the embedding too
     python trainer/train_lora.py --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --use_rslora 1
     python trainer/train_lora.py --lora_variant dora --lora_name lora_identity_dora   # any of the LoRA family:

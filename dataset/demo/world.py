@@ -60,7 +60,7 @@ class Sizes:
     # LoRA
     identity_convs: int = 600
     identity_replay_share: float = 0.25
-    medical_replay_share: float = 0.2
+    medical_replay_share: float = 0.4   # new knowledge is learned at the cost of old: more replay, less forgetting
     medical_persona_replay: int = 90   # base-persona identity turns in lora_medical: that adapter leaves identity alone
     # eval
     eval_heldout_people: int = 90
