@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from model.common import TinyMindError, atomic_write, atomic_write_text, safe_load
 from model.model import TinyMindConfig, TinyMindForCausalLM
-from model.model_lora import LoRAEmbedding, find_targets
+from model.model_lora import find_targets, is_embedding
 from model.tokenizer import BOS_TOKEN, CHAT_TEMPLATE_JINJA, EOS_TOKEN, PAD_TOKEN, load_tokenizer
 
 ARCHS = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}   # model_type -> class name
@@ -282,7 +282,7 @@ def export_peft(obj: dict, model, out: Path, base_model: str) -> list[Path]:
     bad = [k for k in adapter if k.rpartition(".")[2] not in ("lora_A", "lora_B")]
     if bad:
         raise TinyMindError(f"LoRA tensors {bad[:3]} have no PEFT name for variant {lora_variant(obj)!r}")
-    embedding = {n for n in names if isinstance(model.get_submodule(n), (torch.nn.Embedding, LoRAEmbedding))}
+    embedding = {n for n in names if is_embedding(model.get_submodule(n))}
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
         "r": int(lc["rank"]), "lora_alpha": float(lc["alpha"]), "lora_dropout": float(lc.get("dropout", 0.0)),
@@ -331,7 +331,7 @@ def read_peft(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     for key, t in state.items():
         body = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else None
         if body is not None and body.endswith((".lora_embedding_A", ".lora_embedding_B")):
-            adapter[f"{body[:-len('_embedding_A')]}_{body[-1]}"] = t.float()   # "<module>.lora_A" / "lora_B"
+            adapter[body.replace(".lora_embedding_", ".lora_")] = t.float()   # "<module>.lora_A" / "lora_B"
             continue
         if body is None or not body.endswith((".lora_A.weight", ".lora_B.weight")):
             raise TinyMindError(f"{weights.name}: unknown adapter tensor {key!r} (TinyMind reads "

@@ -104,20 +104,25 @@ class LoRALinear(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
-    def add_adapter(self, name: str, cfg: LoRAConfig, scaling: float | None = None):
-        from model.lora_variants import variant_layer   # the registry imports this file: import it late
+    def init_pair(self, cfg: LoRAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """Initial (A [r, in], B [out, r]): A random, B zero, so the update starts at zero."""
         w = self.base.weight
-        layer_cls = variant_layer(cfg.variant)
-        if layer_cls is not None:   # the variant builds its own tensors (and maybe A and B: uses_ab)
-            self.variants[name] = layer_cls(self, cfg).train(self.training)
         A = torch.empty(cfg.rank, self.in_features, device=w.device, dtype=w.dtype)
         if cfg.init == "kaiming":  # same init nn.Linear gives its weight: U(-1/sqrt(in), 1/sqrt(in))
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         else:
             nn.init.normal_(A, std=1.0 / cfg.rank)
+        return A, torch.zeros(self.out_features, cfg.rank, device=w.device, dtype=w.dtype)
+
+    def add_adapter(self, name: str, cfg: LoRAConfig, scaling: float | None = None):
+        from model.lora_variants import variant_layer   # the registry imports this file: import it late
+        layer_cls = variant_layer(cfg.variant)
+        if layer_cls is not None:   # the variant builds its own tensors (and maybe A and B: uses_ab)
+            self.variants[name] = layer_cls(self, cfg).train(self.training)
+        A, B = self.init_pair(cfg)
         if layer_cls is None or layer_cls.uses_ab:
             self.lora_A[name] = nn.Parameter(A)
-            self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, cfg.rank, device=w.device, dtype=w.dtype))
+            self.lora_B[name] = nn.Parameter(B)
         drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.lora_dropout[name] = drop.train(self.training)   # a new module starts in train mode: follow ours
         self.scaling[name] = cfg.scaling if scaling is None else scaling
@@ -201,21 +206,27 @@ class LoRAEmbedding(LoRALinear):
     """
     VARIANTS = ("lora", "lora_plus")
 
+    @classmethod
+    def check_variant(cls, cfg: LoRAConfig):
+        if cfg.variant not in cls.VARIANTS:
+            raise TinyMindError(f"LoRA variant {cfg.variant!r} adapts linear layers only; drop embed_tokens from "
+                                f"the targets (embedding adapters: {', '.join(cls.VARIANTS)})")
+
     @staticmethod
     def sizes(base: nn.Module) -> tuple[int, int]:
         return base.num_embeddings, base.embedding_dim   # (in, out) of the one-hot view
 
-    def add_adapter(self, name: str, cfg: LoRAConfig, scaling: float | None = None):
-        if cfg.variant not in self.VARIANTS:
-            raise TinyMindError(f"LoRA variant {cfg.variant!r} adapts linear layers only; drop embed_tokens from "
-                                f"the targets (embedding adapters: {', '.join(self.VARIANTS)})")
+    def init_pair(self, cfg: LoRAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """A zero, B random at the embedding's own scale (the other way round from a linear layer)."""
         w = self.base.weight
-        self.lora_A[name] = nn.Parameter(torch.zeros(cfg.rank, self.in_features, device=w.device, dtype=w.dtype))
+        A = torch.zeros(cfg.rank, self.in_features, device=w.device, dtype=w.dtype)
         B = torch.randn(self.out_features, cfg.rank, device=w.device, dtype=w.dtype)
-        self.lora_B[name] = nn.Parameter(B * w.detach().float().std().to(w.dtype))
+        return A, B * w.detach().float().std().to(w.dtype)
+
+    def add_adapter(self, name: str, cfg: LoRAConfig, scaling: float | None = None):
+        self.check_variant(cfg)
+        super().add_adapter(name, cfg, scaling)
         self.lora_dropout[name] = nn.Identity()   # ids have nothing to drop (PEFT applies none here either)
-        self.scaling[name] = cfg.scaling if scaling is None else scaling
-        self.configs[name] = cfg
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: (...) -> (..., dim)
         y = self.base(ids)
@@ -249,6 +260,11 @@ class LoRAEmbedding(LoRALinear):
 
 # ----------------------------------------------------------------------------- finding and wrapping layers
 
+def is_embedding(module: nn.Module) -> bool:
+    """A token embedding, plain or already wrapped."""
+    return isinstance(module, (nn.Embedding, LoRAEmbedding))
+
+
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     """Every ``LoRALinear`` with its plain module name (DDP / torch.compile wrappers stripped)."""
     return [(n, m) for n, m in unwrap_model(model).named_modules() if isinstance(m, LoRALinear)]
@@ -276,7 +292,7 @@ def find_targets(model: nn.Module, targets: str) -> list[str]:
     cands = [n for n, m in core.named_modules() if n in wrapped or (
         isinstance(m, (nn.Linear, nn.Embedding)) and n.rpartition(".")[0] not in wrapped and n != "lm_head"
         and (isinstance(m, nn.Embedding) or id(m.weight) not in tied))]
-    linear = [n for n in cands if not isinstance(core.get_submodule(n), (nn.Embedding, LoRAEmbedding))]
+    linear = [n for n in cands if not is_embedding(core.get_submodule(n))]
     if targets == "all-linear":
         return linear
     if targets.startswith("re:"):
@@ -332,10 +348,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | None = None, adapter_name: st
     variant = get_variant(cfg.variant)             # an unknown variant fails before anything changes
     core = unwrap_model(model)
     names = find_targets(core, cfg.targets)   # raises before anything is changed
-    if cfg.variant not in LoRAEmbedding.VARIANTS and any(
-            isinstance(core.get_submodule(n), (nn.Embedding, LoRAEmbedding)) for n in names):
-        raise TinyMindError(f"LoRA variant {cfg.variant!r} adapts linear layers only; drop embed_tokens from the "
-                            f"targets (embedding adapters: {', '.join(LoRAEmbedding.VARIANTS)})")
+    if any(is_embedding(core.get_submodule(n)) for n in names):
+        LoRAEmbedding.check_variant(cfg)
     active = adapter_names(core, active_only=True)
     for name in names:
         layer = core.get_submodule(name)
@@ -520,7 +534,7 @@ def _expected_state(core: nn.Module, names: list[str], cfg: LoRAConfig) -> dict[
     expected = {}
     for n in names:
         layer = core.get_submodule(n)
-        if isinstance(layer, (nn.Embedding, LoRAEmbedding)):
+        if is_embedding(layer):
             probe = LoRAEmbedding(nn.Embedding(*LoRAEmbedding.sizes(getattr(layer, "base", layer)), device="meta"))
         else:
             probe = LoRALinear(nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta"))
