@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None):
+def main(argv=None, hooks=()):
+    """Train one adapter; ``hooks`` are extra ``TrainHook``s (e.g. scripts/lora_experiments.py's scorer)."""
     args = build_parser().parse_args(argv)
     tc = TrainConfig.from_args(args)
     ctx = setup_device(args.device, args.dtype)
@@ -105,7 +106,7 @@ def main(argv=None):
                 f"trainable = {100 * info['trainable'] / info['total']:.2f}% of total")
         files = RunFiles.for_run(args.save_dir, args.lora_name, config.hidden_size)
         make_optimizer = variant.make_optimizer(args) if variant.make_optimizer is not None else None
-        hooks = list(variant.hooks(model, args.lora_name, args)) if variant.hooks is not None else []
+        hooks = [*(variant.hooks(model, args.lora_name, args) if variant.hooks is not None else ()), *hooks]
         hooks.append(WatchReplies(watch_prompts(args.watch_prompts, data_path, tok, val_set), tok, ctx.log,
                                   ctx.is_main))
 

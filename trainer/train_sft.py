@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None):
+def main(argv=None, hooks=()):
+    """Fine-tune every weight; ``hooks`` are extra ``TrainHook``s (e.g. scripts/lora_experiments.py's scorer)."""
     args = build_parser().parse_args(argv)
     tc = TrainConfig.from_args(args)
     ctx = setup_device(args.device, args.dtype)
@@ -70,7 +71,7 @@ def main(argv=None):
             model, train_set, val_set, collate_batch, tc, ctx, files,
             save_weights=lambda m: save_model(m, files.weights, stage="sft", weight=args.weight,
                                               from_weight=args.from_weight),
-            run=run_key(args, "sft", ctx, "from_weight"), resume=bool(args.from_resume), hooks=[watch])
+            run=run_key(args, "sft", ctx, "from_weight"), resume=bool(args.from_resume), hooks=[*hooks, watch])
         return finish_run(metrics, ctx)
     finally:
         cleanup_distributed(ctx)
