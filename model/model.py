@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.common import TinyMindError, atomic_save, repo_path, safe_load
+from model.fast_decode import decode_step, decode_weights, fast_decode_supported
 
 
 @dataclass
@@ -358,6 +359,10 @@ class TinyMindForCausalLM(nn.Module):
             mask = torch.ones_like(seq)
             mask[:, :T] = attention_mask
         cache = KVCache(self.config.num_hidden_layers, T + max_new) if use_cache else None
+        # One token at a time after the prompt: model/fast_decode.py computes the same forward with fused,
+        # re-laid-out weight copies and fewer small ops (where it applies: no padding mask, no live LoRA).
+        fast = use_cache and mask is None and fast_decode_supported(self)
+        weights = decode_weights(self) if fast else None
         finished = torch.zeros(B, dtype=torch.bool, device=seq.device)
         n = T                                                 # filled length of seq
         logits = self(seq[:, :T], attention_mask=None if mask is None else mask[:, :T],
@@ -374,7 +379,9 @@ class TinyMindForCausalLM(nn.Module):
             if step == max_new - 1 or (eos_token_id is not None and bool(finished.all())):
                 break
             m = None if mask is None else mask[:, :n]
-            if use_cache:   # feed only the new token; its keys go to cache position n - 1
+            if fast:
+                logits = decode_step(self, weights, seq[:, n - 1:n], cache, n - 1)      # (B, V)
+            elif use_cache:   # feed only the new token; its keys go to cache position n - 1
                 logits = self(seq[:, n - 1:n], attention_mask=m, kv_cache=cache, start_pos=n - 1,
                               logits_to_keep=1).logits[:, -1]
             else:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import io
 import json
 import math
 import os
@@ -118,7 +119,11 @@ def experiment_runs(quick: bool) -> dict[str, list[Run]]:
         + [run(f"medical_full_lr{lr:g}", "full", "medical", score_every=per_epoch,
                flags={"learning_rate": lr, "weight_decay": 0.1}) for lr in ft_lrs]
         + [run(f"medical_r{r}", "lora", "medical", flags=lora(r), score_every=per_epoch, keep_A=r in sub_ranks)
-           for r in lf_ranks],
+           for r in lf_ranks]
+        # r64 at the recipe's lr diverges (alpha = 2r: the update grows with r); a quarter of the lr keeps
+        # r * lr as at r16 -- the learn/forget curve of a rank-64 adapter that trains
+        + ([] if quick else [run("medical_r64_lr1.75e-3", "lora", "medical", score_every=per_epoch,
+                                 flags=lora(64, learning_rate=1.75e-3))]),
         "rank": [base]
         + [run(f"identity_r{r}", "lora", "identity", flags=lora(r), keep_A=r in sub_ranks) for r in ranks]
         + [run(f"medical_r{r}", "lora", "medical", flags=lora(r), keep_A=r in sub_ranks) for r in med_ranks],
@@ -256,8 +261,12 @@ def execute(run: Run, cfg: dict) -> dict:
     epochs = int(flags.get("epochs", 4))
     scorer = make_scorer(sets, tok, device, run.score_every or 0, quick)
     main = train_sft.main if run.kind == "full" else train_lora.main
-    with open(run_dir / "train.log", "w", encoding="utf-8") as log, contextlib.redirect_stdout(log):
-        metrics = main(argv, hooks=[scorer])
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            metrics = main(argv, hooks=[scorer])
+    finally:   # the trainer's output, also (above all) when it failed
+        atomic_write_text(run_dir / "train.log", log.getvalue())
     if not scorer.points:
         raise TinyMindError(f"run {run.id}: training ended before it could be scored")
     train_s = max(1e-9, metrics["wall_time_s"] - scorer.seconds)
@@ -305,8 +314,13 @@ def similarity_grid(path_lo: Path, path_hi: Path, kinds=("q_proj", "v_proj")) ->
         if not names:
             continue
         r_lo, r_hi = a_lo[names[0]].shape[0], a_hi[names[0]].shape[0]
-        grid = [[sum(subspace_similarity(a_lo[n], a_hi[n], i, j) for n in names) / len(names)
-                 for j in range(1, r_hi + 1)] for i in range(1, r_lo + 1)]
+        # phi(i, j) for every i, j at once: with M = U_lo^T U_hi, phi(i, j) = sum(M[:i, :j]^2) / min(i, j)
+        total = torch.zeros(r_lo, r_hi, dtype=torch.float64)
+        for n in names:
+            U_lo, U_hi = (torch.linalg.svd(a.double(), full_matrices=False).Vh for a in (a_lo[n], a_hi[n]))
+            total += (U_lo @ U_hi.T).pow(2).cumsum(0).cumsum(1)
+        div = torch.minimum(torch.arange(1, r_lo + 1)[:, None], torch.arange(1, r_hi + 1)[None, :])
+        grid = (total / len(names) / div).tolist()
         d = a_lo[names[0]].shape[1]
         out[kind] = {"r_lo": r_lo, "r_hi": r_hi, "layers": len(names), "grid": grid,
                      "random_top1": 1.0 / d}   # E[phi(1, 1)] of two random directions in d dimensions
@@ -331,6 +345,15 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def method_label(r: Run) -> str:
+    """"full FT, lr 0.0005" / "LoRA r16" / "LoRA r64, lr 0.00175" (the lr only where it is not the recipe's)."""
+    if r.kind == "full":
+        return f"full FT, lr {r.flags['learning_rate']:g}"
+    lr = r.flags.get("learning_rate")
+    same = lr is None or lr == recipe(r.task, False).get("learning_rate", lr)
+    return f"LoRA r{r.flags['lora_rank']}" + ("" if same else f", lr {lr:g}")
+
+
 def render(name: str, runs: list[Run], rows: dict, extra: dict) -> str:
     """The markdown table of one experiment, from the results JSON only."""
     base = rows.get("sft", {}).get("final", {})
@@ -340,8 +363,7 @@ def render(name: str, runs: list[Run], rows: dict, extra: dict) -> str:
                  pct(base.get("identity_base")), "—"]]
         for r, x in got:
             f = x["final"]
-            label = f"full FT, lr {r.flags['learning_rate']:g}" if r.kind == "full" else f"LoRA r{r.flags['lora_rank']}"
-            body.append([label, f"{x['trainable']:,}", pct(f["medical"]), pct(f["general"]),
+            body.append([method_label(r), f"{x['trainable']:,}", pct(f["medical"]), pct(f["general"]),
                          drop(f["general"], base.get("general")), pct(f["identity_base"]), f"{x['train_seconds']:.0f}"])
         return table(["method", "trainable", "medical QA (learned)", "general QA", "Δ general (points)",
                       "base persona kept", "train s"], body)
@@ -422,6 +444,17 @@ def analyse(name: str, runs: list[Run], rows: dict, work_dir: Path, old: dict) -
 
 # ------------------------------------------------------------------------------------ figures
 
+def rank_curves(ax, curves: dict, ylabel: str, title: str) -> None:
+    """One line per label over the rank (log2 axis); curves: label -> [(r, value), ...]."""
+    for label, pts in curves.items():
+        if pts:
+            ax.plot(*zip(*sorted(pts)), "o-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rank r")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+
+
 def figure(name: str, runs: list[Run], rows: dict, extra: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -432,7 +465,10 @@ def figure(name: str, runs: list[Run], rows: dict, extra: dict, path: Path) -> N
     if name == "learn_forget":
         fig, ax = plt.subplots(figsize=(6.4, 4.6))
         for r, x in got:
-            label = f"full FT lr {r.flags['learning_rate']:g}" if r.kind == "full" else f"LoRA r{r.flags['lora_rank']}"
+            label = method_label(r)
+            if (x["final"]["general"] or 0) < 0.5 * (base.get("general") or 0):   # diverged: would squash the chart
+                ax.plot([], [], " ", label=f"{label}: diverged (general {pct(x['final']['general'])}), not drawn")
+                continue
             pts = [(base.get("medical") or 0, base.get("general") or 0)] + [(p["medical"], p["general"]) for p in x["points"]]
             ax.plot([100 * a for a, _ in pts], [100 * b for _, b in pts], "o-" if r.kind != "full" else "s--",
                     label=label, markersize=4)
@@ -443,15 +479,9 @@ def figure(name: str, runs: list[Run], rows: dict, extra: dict, path: Path) -> N
     elif name == "rank":
         sims = [(task, kind, g) for task, grids in extra.get("similarity", {}).items() for kind, g in grids.items()]
         fig, axes = plt.subplots(1, 1 + len(sims), figsize=(4.2 * (1 + len(sims)), 3.8), squeeze=False)
-        ax = axes[0][0]
-        for task, key in (("identity", "identity_new"), ("medical", "medical")):
-            pts = sorted((r.flags["lora_rank"], 100 * x["final"][key]) for r, x in got if r.task == task)
-            if pts:
-                ax.plot(*zip(*pts), "o-", label=task)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("rank r")
-        ax.set_ylabel("task score %")
-        ax.set_title("score vs rank", fontsize=10)
+        rank_curves(axes[0][0], {task: [(r.flags["lora_rank"], 100 * x["final"][key]) for r, x in got if r.task == task]
+                                 for task, key in (("identity", "identity_new"), ("medical", "medical"))},
+                    "task score %", "score vs rank")
         for k, (task, kind, g) in enumerate(sims, 1):
             im = axes[0][k].imshow(g["grid"], aspect="auto", vmin=0, vmax=1, cmap="viridis",
                                    extent=(0.5, g["r_hi"] + 0.5, g["r_lo"] + 0.5, 0.5))
@@ -475,14 +505,9 @@ def figure(name: str, runs: list[Run], rows: dict, extra: dict, path: Path) -> N
         ax.set_title("where to put the adapter" if name == "targets" else "the LoRA family, one budget", fontsize=10)
     elif name == "scaling":
         fig, ax = plt.subplots(figsize=(6, 4))
-        for rs, label in ((0, "α/r"), (1, "rsLoRA α/√r")):
-            pts = sorted((r.flags["lora_rank"], x["final_loss"]) for r, x in got if r.flags["use_rslora"] == rs)
-            if pts:
-                ax.plot(*zip(*pts), "o-", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("rank r")
-        ax.set_ylabel("final train loss")
-        ax.set_title("scaling vs rank at one learning rate", fontsize=10)
+        rank_curves(ax, {label: [(r.flags["lora_rank"], x["final_loss"]) for r, x in got if r.flags["use_rslora"] == rs]
+                         for rs, label in ((0, "α/r"), (1, "rsLoRA α/√r"))},
+                    "final train loss", "scaling vs rank at one learning rate")
     elif name == "init":
         fig, ax = plt.subplots(figsize=(6, 4))
         for r, x in got:
@@ -504,6 +529,14 @@ def figure(name: str, runs: list[Run], rows: dict, extra: dict, path: Path) -> N
 # ------------------------------------------------------------------------------------ the sweep
 
 EXPERIMENTS = ("learn_forget", "rank", "targets", "scaling", "init", "family")
+CLAIMS = {   # what each experiment tests, and where the claim comes from (printed above its table)
+    "learn_forget": "full fine-tuning learns more, LoRA forgets less (Biderman et al. 2024, arXiv 2405.09673)",
+    "rank": "a small r is enough; r=8 and r=64 share their top directions (Hu et al. 2021, arXiv 2106.09685 s7)",
+    "targets": "adapting every linear layer beats attention only (QLoRA, arXiv 2305.14314)",
+    "scaling": "with alpha/sqrt(r) a larger r lowers the loss; with alpha/r it does not (rsLoRA, arXiv 2312.03732)",
+    "init": "PiSSA / OLoRA / LoRA-GA converge faster than B = 0 (arXiv 2404.02948, 2406.01775, 2407.05000)",
+    "family": "each variant's own promise: fewer parameters, less memory, closer to full fine-tuning (model/lora_variants)",
+}
 MARK = "<!-- lora_experiments:{} -->"
 END = "<!-- /lora_experiments -->"
 
@@ -629,6 +662,7 @@ def main(argv=None):
     results = load_results(results_path)
     if results.get("meta", {}).get("base_fingerprint") not in (None, fingerprint):
         raise TinyMindError(f"{results_path} holds runs of another base model; choose another --out_dir")
+    old_meta = results.get("meta", {})
     results["meta"] = {"base": base.name, "base_fingerprint": fingerprint, "quick": args.quick, "seed": args.seed,
                        "machine": f"{platform.machine()}, {torch.get_num_threads() if args.jobs == 1 else threads} "
                                   f"threads per run, {args.jobs} job(s), torch {torch.__version__}",
@@ -640,6 +674,8 @@ def main(argv=None):
     # longest first, so that --jobs N ends together: full fine-tuning, medical (9 epochs), identity
     todo.sort(key=lambda r: (r.kind == "full", r.task == "medical", r.score_every, r.flags.get("epochs", 0)),
               reverse=True)
+    if not todo and old_meta.get("date"):   # nothing trained: the rows are still the earlier sweep's
+        results["meta"] = old_meta
     print(f"[lora_experiments] {', '.join(names)}: {len(todo)} run(s) to train, "
           f"{len(wanted) - len(todo)} already in {results_path}", flush=True)
 
@@ -671,7 +707,7 @@ def main(argv=None):
         extra = analyse(n, exps[n], results["runs"], Path(args.work_dir), results["experiments"].get(n, {}).get("extra", {}))
         results["experiments"][n] = {"runs": [r.id for r in exps[n]], "extra": extra}
         figure(n, exps[n], results["runs"], extra, out_dir / f"exp_{n}.png")
-        print(f"\n## {n}\n\n{render(n, exps[n], results['runs'], extra)}")
+        print(f"\n## {n}: {CLAIMS[n]}\n\n{render(n, exps[n], results['runs'], extra)}")
     atomic_write_text(results_path, json.dumps(results, ensure_ascii=False, indent=1))
     print(f"\n[lora_experiments] wrote {results_path} and {len(names)} figure(s) in {out_dir}")
     return results

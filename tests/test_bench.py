@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.common import TinyMindError
-from scripts.bench import MEASUREMENTS, judge, main
+from scripts.bench import MEASUREMENTS, decode_bytes_per_token, judge, main, render_report
 
 
 def test_quick_bench_writes_every_measurement(tmp_path, capsys):
@@ -35,8 +35,37 @@ def test_quick_bench_writes_every_measurement(tmp_path, capsys):
     mem = d["lora_memory"]["details"]
     assert mem["full"]["peak_mb"] >= mem["full"]["after_model_mb"] >= mem["full"]["before_model_mb"] > 0
 
+    dec = d["decode"]["details"]
+    for dtype in ("fp32", "bf16"):   # % of limit = measured tok/s / (mv bytes/s / bytes per token)
+        lim = dec[f"{dtype}_limit"]
+        assert lim["mv_bytes_per_s"] > 0 and lim["bytes_per_token"] > 0
+        row = next(r for r in data["rows"] if r["name"] == ("decode" if dtype == "fp32" else "decode_bf16"))
+        assert row["unit"] == "% of limit"
+        assert row["value"] == pytest.approx(100 * dec[f"{dtype}_tok_s"] / lim["limit_tok_s"])
+    assert dec["bf16_limit"]["bytes_per_token"] * 2 == dec["fp32_limit"]["bytes_per_token"]
+
     printed = capsys.readouterr().out
-    assert "| measurement | result | target | status |" in printed and str(out) in printed
+    assert "| measurement | result | % of limit | target | status |" in printed and str(out) in printed
+
+    # --render prints the saved table again, with machine, command and date, and measures nothing
+    rendered = main(["--render", str(out)])
+    assert rendered == render_report(data) and data["table"] in rendered
+    assert data["command"] in rendered and data["date"] in rendered and data["machine"]["cpu"] in rendered
+    assert capsys.readouterr().out.strip() == rendered.strip()
+
+
+def test_decode_bytes_per_token_counts_every_matrix_once():
+    """Linear weights of the blocks + the LM head (the tied embedding read once, as the head) + one embedding row."""
+    from model.model import TinyMindForCausalLM, get_config
+
+    cfg = get_config("small")
+    model = TinyMindForCausalLM(cfg)
+    C, I, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
+    kv = C // cfg.num_attention_heads * cfg.num_key_value_heads
+    per_layer = C * C * 2 + 2 * C * kv + 3 * C * I
+    assert decode_bytes_per_token(model) == 4 * (L * per_layer + V * C + C)
+    assert decode_bytes_per_token(model.to(torch.bfloat16)) == 2 * (L * per_layer + V * C + C)
+    assert decode_bytes_per_token(model.float()) == pytest.approx(4 * 25.83e6, rel=0.01)
 
 
 def test_lora_forward_matches_reference_formula():
@@ -69,8 +98,10 @@ def test_judge_targets():
     assert judge("lora_memory", 0.69, quick=False)[1] == "PASS"
     assert judge("merged_forward", 0.98, quick=False)[1] == "PASS"
     assert judge("merged_forward", 1.04, quick=False)[1] == "MISS"
-    assert judge("decode", 99.0, quick=False) == (">= 100 tok/s", "MISS")
-    assert judge("decode_bf16", 5.0, quick=False) == ("reported", "-")
+    assert judge("decode", 59.0, quick=False) == (">= 60% of limit", "MISS")
+    assert judge("decode_bf16", 61.0, quick=False) == (">= 60% of limit", "PASS")
+    assert judge("unmerged_forward", 1.12, quick=False) == ("<= 1.1x", "MISS")
+    assert judge("train_tiny", 5.0, quick=False) == ("reported", "-")
     assert judge("kv_cache", 2.0, quick=True)[1] == "not judged (quick)"
 
 
@@ -79,6 +110,8 @@ def test_bad_flags_are_one_line_errors():
         main(["--only", "decode,nope"])
     with pytest.raises(TinyMindError, match="unknown preset"):
         main(["--preset", "huge", "--only", "decode"])
+    with pytest.raises(TinyMindError, match="--render .*not found"):
+        main(["--render", "out/no_such_bench.json"])
     with pytest.raises(TinyMindError, match="--repeats must be >= 1"):
         main(["--repeats", "0"])
     if not torch.cuda.is_available():

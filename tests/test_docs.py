@@ -256,3 +256,30 @@ def test_printed_eval_tables_equal_the_committed_report(doc):
         want = [[row[i] for i in cols] for row in rows]
         assert shown_rows == want, (f"{doc}: the table {shown_header} differs from docs/results/eval_report.md;"
                                     f"\n  printed: {shown_rows}\n  report:  {want}")
+
+
+def bench_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
+    """The performance tables outside code blocks: first column ``measurement``, one column ``status``."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    return [(h, rows) for h, rows in markdown_tables(text) if h[0] == "measurement" and "status" in h]
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/04-lora.md", "docs/05-inference-and-chat.md",
+                                 "docs/06-evaluation.md"])
+def test_printed_bench_tables_equal_the_committed_bench_json(doc):
+    """Every performance table is rows of docs/results/bench.json as ``scripts/bench.py --render`` prints
+    them (a doc may quote some of the rows), and the doc quotes that run's machine, command and date."""
+    from scripts.bench import render_file
+
+    rendered = render_file(RESULTS / "bench.json")
+    (header, rows), = bench_tables(rendered)
+    meta = rendered.strip().splitlines()[-1]
+    text = (ROOT / doc).read_text(encoding="utf-8")
+    printed = bench_tables(text)
+    assert printed, f"{doc}: no performance table (| measurement | ... | status |)"
+    assert meta in text, f"{doc}: the bench run's machine / command / date line is not quoted: {meta!r}"
+    for shown_header, shown_rows in printed:
+        assert shown_header == header, f"{doc}: bench table header {shown_header} is not {header}"
+        stale = [r for r in shown_rows if r not in rows]
+        assert not stale, f"{doc}: rows not in docs/results/bench.json (python scripts/bench.py --render " \
+                          f"docs/results/bench.json prints the current ones): {stale}"
