@@ -14,6 +14,8 @@ so a busy machine slows both sides alike. Measurements (names for ``--only``):
                     torch.mv read rate (bytes/s) / bytes of weights read per token
   packing           pretraining: useful (non-pad) tokens/s of the packed loader vs padding every document
   train             training tokens/s (full fine-tuning step) of the `tiny` and `small` presets
+  train_compile     the same step under torch.compile (--use_compile 1) vs eager: speed-up and compile time
+                    (not with --quick: compiling takes about a minute per model)
   qlora_memory      bytes of the frozen base stored for QLoRA (linear layers NF4 + double quantisation, tied
                     embedding bf16) vs the fp32 base, `small` preset (a count of stored bytes, not a timing)
 
@@ -57,7 +59,7 @@ from scripts.bench_utils import (add_lora, build_model, current_memory_mb, greed
 from trainer.train_loop import build_optimizer
 
 MEASUREMENTS = ("lora_step", "lora_memory", "merged_forward", "unmerged_forward",
-                "kv_cache", "decode", "packing", "train", "qlora_memory")
+                "kv_cache", "decode", "packing", "train", "train_compile", "qlora_memory")
 
 # Targets from the performance issue: (comparison, threshold). "within" means |value - 1| <= threshold.
 TARGETS = {
@@ -69,6 +71,8 @@ TARGETS = {
     "decode": (">=", 60.0),        # % of the machine's limit: torch.mv read rate / weight bytes per token
     "decode_bf16": (">=", 60.0),
     "packing": (">=", 1.5),
+    "train_compile_tiny": (">=", 1.2),     # training tokens/s >= 1.2x: here through --use_compile 1
+    "train_compile_small": (">=", 1.2),
     "qlora_memory": ("<=", 0.2),
 }
 
@@ -411,6 +415,32 @@ def bench_train(ctx):
     return rows, details
 
 
+def bench_train_compile(ctx):
+    """The same full step under ``torch.compile`` (the trainers' ``--use_compile 1``) vs eager, interleaved.
+    Compiling costs about a minute per model on a 2-core CPU, so --quick leaves this out."""
+    if ctx.args.quick:
+        return [], {"skipped": "torch.compile takes about a minute per model; not measured with --quick"}
+    rows, details = [], {}
+    for preset in ctx.train_presets:
+        model = build_model(preset, ctx.device)
+        batch = random_batch(model.config.vocab_size, ctx.batch_size, ctx.seq_len, ctx.device)
+        eager, compiled = make_train_step(model, batch), make_train_step(torch.compile(model), batch)
+        t0 = time.perf_counter()
+        compiled()                                  # the first call compiles forward and backward
+        sync(ctx.device)
+        compile_s = time.perf_counter() - t0
+        times = ctx.time({"eager": eager, "compiled": compiled})
+        e, c = med(times["eager"]), med(times["compiled"])
+        what = f"training step, torch.compile vs eager ({preset}, full FT, batch {ctx.shape}, fp32)"
+        rows.append(row(f"train_compile_{preset}", what, e / c,
+                        f"{e / c:.2f}x faster (compiled {c:.3f} s vs eager {e:.3f} s per step; compiling took "
+                        f"{compile_s:.0f} s)", "x"))
+        details[preset] = {"eager_s": times["eager"], "compiled_s": times["compiled"], "compile_s": compile_s}
+        del model, eager, compiled
+        torch._dynamo.reset()
+    return rows, details
+
+
 def stored_bytes(model):
     """Bytes of the weights (the state dict: parameters and saved buffers, not the RoPE cache), a tensor
     shared by two modules (tied weights) counted once."""
@@ -444,6 +474,7 @@ BENCHES = {
     "decode": bench_decode,
     "packing": bench_packing,
     "train": bench_train,
+    "train_compile": bench_train_compile,
     "qlora_memory": bench_qlora_memory,
 }
 

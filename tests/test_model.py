@@ -456,3 +456,22 @@ def test_save_refuses_foreign_state(tmp_path):
     with pytest.raises(TinyMindError, match="reserved"):
         save_model(m, tmp_path / "x.pth", config={})
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_compiled_training_step_equals_eager(make_model):
+    """--use_compile 1 (torch.compile, what scripts/bench.py's train_compile times): the same loss and the
+    same gradients as the eager model, to float tolerance."""
+    torch.manual_seed(0)
+    model = make_model(seed=3)
+    ids = torch.randint(3, model.config.vocab_size, (2, 24))
+    labels = ids.clone()
+    labels[:, :5] = -100                                  # a prompt without labels, as in SFT
+    eager = model(ids, labels=labels).loss
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model)(ids, labels=labels).loss
+    compiled.backward()
+    assert torch.allclose(compiled, eager, atol=1e-5, rtol=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, grads[n], atol=1e-5, rtol=1e-4), n
