@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.model import apply_rope
+
 
 def plain_weight(layer: nn.Module) -> torch.Tensor | None:
     """The (out, in) matrix W of a layer that computes exactly x W^T, else None.
@@ -115,12 +117,6 @@ def decode_weights(model: nn.Module) -> DecodeWeights:
     return cached
 
 
-def rope_one_position(x, cos, sin):
-    """``model.apply_rope`` for a single position: x (B, h, hd), cos/sin (hd,)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 def decode_step(model: nn.Module, w: DecodeWeights, ids, cache, pos: int):
     """Logits (B, V) for the tokens ids (B, 1) at position ``pos``; writes their keys/values to ``cache``."""
     core, cfg = model.model, model.config
@@ -135,7 +131,7 @@ def decode_step(model: nn.Module, w: DecodeWeights, ids, cache, pos: int):
         qk, v = qkv[:, :nh + nkv], qkv[:, nh + nkv:]                         # q and k heads, v heads
         if attn.qk_norm:
             qk = torch.cat((attn.q_norm(qk[:, :nh]), attn.k_norm(qk[:, nh:])), dim=1)
-        qk = rope_one_position(qk, cos, sin)                                 # (B, nh + nkv, hd)
+        qk = apply_rope(qk, cos, sin)                    # one position: cos/sin (hd,) broadcast to (B, h, hd)
         k, v = cache.update(i, pos, qk[:, nh:, None], v[:, :, None])         # (B, nkv, S, hd)
         # the nh // nkv query heads sharing a k/v head are the rows of one query block (as in Attention)
         q = qk[:, :nh].view(B, nkv, nh // nkv, hd)

@@ -32,7 +32,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.common import TinyMindError, atomic_save, repo_path, safe_load
-from model.fast_decode import decode_step, decode_weights, fast_decode_supported
 
 
 @dataclass
@@ -361,6 +360,7 @@ class TinyMindForCausalLM(nn.Module):
         cache = KVCache(self.config.num_hidden_layers, T + max_new) if use_cache else None
         # One token at a time after the prompt: model/fast_decode.py computes the same forward with fused,
         # re-laid-out weight copies and fewer small ops (where it applies: no padding mask, no live LoRA).
+        from model.fast_decode import decode_step, decode_weights, fast_decode_supported   # it imports this file
         fast = use_cache and mask is None and fast_decode_supported(self)
         weights = decode_weights(self) if fast else None
         finished = torch.zeros(B, dtype=torch.bool, device=seq.device)

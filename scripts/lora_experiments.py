@@ -48,13 +48,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch
 
-from model.common import TinyMindError, atomic_save, atomic_write, atomic_write_text, repo_path, run_main
-from scripts.run_pipeline import MEDICAL_TARGETS
+from model.common import TinyMindError, atomic_save, atomic_write, atomic_write_text, repo_path, run_main, safe_load
+from scripts.run_pipeline import STAGES
 
 DATA = {"identity": "dataset/lora_identity.jsonl", "medical": "dataset/lora_medical.jsonl"}
 ATTENTION = "q_proj,k_proj,v_proj,o_proj"
 MLP = "gate_proj,up_proj,down_proj"
 ALL_LINEAR = f"{ATTENTION},{MLP}"        # = model_lora.DEFAULT_TARGETS, written out so each table names it
+SCORE = {"identity": "identity_new", "medical": "medical"}   # each task's own score in an evaluation summary
 
 
 # ------------------------------------------------------------------------------------------- runs
@@ -79,9 +80,11 @@ def recipe(task: str, quick: bool) -> dict:
     if quick:
         return {"epochs": 2, "max_steps": 4, "batch_size": 8, "max_seq_len": 96, "learning_rate": 3e-3,
                 "lora_rank": 4, "lora_alpha": 8, "warmup_steps": 1}
-    if task == "medical":
-        return {"epochs": 9, "learning_rate": 7e-3, "weight_decay": 0.1, "lora_targets": MEDICAL_TARGETS}
-    return {"epochs": 4}   # identity: train_lora.py's defaults (4 epochs, lr 2e-3, r 16, alpha 32, all linear)
+    from trainer.train_lora import build_parser
+    stage = STAGES["tiny"][f"lora_{task}"]        # the pipeline's flags for this adapter, typed by train_lora
+    args = build_parser().parse_args(stage)
+    # identity: no flags, train_lora.py's defaults (4 epochs, lr 2e-3, r 16, alpha 32, all linear)
+    return {"epochs": args.epochs, **{k.lstrip("-"): getattr(args, k.lstrip("-")) for k in stage[::2]}}
 
 
 # train_lora.py's defaults for the flags the tables show, so that every row states them
@@ -160,8 +163,11 @@ def experiment_runs(quick: bool) -> dict[str, list[Run]]:
 
 # -------------------------------------------------------------------------------------- scoring
 
-def summary(res: dict) -> dict:
-    """The numbers one evaluation gives (fractions; held-out loss of the reference replies)."""
+def score(model, tok, sets, device, quick: bool) -> dict:
+    """Evaluate the model as it is (scripts/evaluate.py) and keep the numbers the tables use: fractions, and
+    the held-out loss of the reference replies."""
+    from scripts.evaluate import evaluate_model
+    res = evaluate_model(model, tok, sets, device, batch_size=64, max_new_tokens=8 if quick else 48)
     g, i, m = res.get("general_qa", {}), res.get("identity", {}), res.get("medical_qa", {})
     return {"general": g.get("accuracy"), "identity_new": i.get("new_share"),
             "identity_base": i.get("base_share"), "medical": m.get("accuracy"),
@@ -172,7 +178,6 @@ def make_scorer(sets, tok, device, parts: int, quick: bool):
     """A TrainHook that scores the model at the end of each of ``parts`` equal parts of training (each
     epoch when parts = epochs), keeps the model for the checks after training, and notes the peak memory."""
     from scripts.bench_utils import peak_memory_mb, reset_peak_memory
-    from scripts.evaluate import evaluate_model
     from trainer.train_loop import TrainHook
 
     class Scorer(TrainHook):
@@ -194,9 +199,9 @@ def make_scorer(sets, tok, device, parts: int, quick: bool):
             t0 = time.time()
             was_training = model.training
             model.eval()
-            res = evaluate_model(model, tok, sets, device, batch_size=64, max_new_tokens=8 if quick else 48)
+            point = {"step": step, "progress": round(step / self.total, 4), **score(model, tok, sets, device, quick)}
             model.train(was_training)
-            self.points.append({"step": step, "progress": round(step / self.total, 4), **summary(res)})
+            self.points.append(point)
             self.seconds += time.time() - t0
 
     return Scorer()
@@ -223,7 +228,7 @@ def execute(run: Run, cfg: dict) -> dict:
     """Train and score one run in this process; returns its row for the results JSON."""
     from model.model import load_model
     from model.tokenizer import load_tokenizer
-    from scripts.evaluate import evaluate_model, load_eval_sets
+    from scripts.evaluate import load_eval_sets
     from trainer import train_lora, train_sft
 
     quick, hidden = cfg["quick"], cfg["hidden"]
@@ -245,8 +250,7 @@ def execute(run: Run, cfg: dict) -> dict:
     t0 = time.time()
     if run.kind == "base":
         model, _ = load_model(base_file)
-        res = evaluate_model(model.eval(), tok, sets, device, batch_size=64, max_new_tokens=8 if quick else 48)
-        row["points"] = [{"step": 0, "progress": 0.0, **summary(res)}]
+        row["points"] = [{"step": 0, "progress": 0.0, **score(model.eval(), tok, sets, device, quick)}]
         row["final"] = row["points"][-1]
         row["seconds"] = round(time.time() - t0, 1)
         return row
@@ -258,7 +262,7 @@ def execute(run: Run, cfg: dict) -> dict:
     argv += ["--weight", name] if run.kind == "full" else ["--lora_name", name]
     for k, v in flags.items():
         argv += [f"--{k}", str(v)]
-    epochs = int(flags.get("epochs", 4))
+    epochs = flags["epochs"]
     scorer = make_scorer(sets, tok, device, run.score_every or 0, quick)
     main = train_sft.main if run.kind == "full" else train_lora.main
     log = io.StringIO()
@@ -294,33 +298,34 @@ def execute(run: Run, cfg: dict) -> dict:
 
 # ----------------------------------------------------------------------------------- analyses
 
-def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor, i: int, j: int) -> float:
-    """Hu et al. (2021) eq. 4: phi(A1, A2, i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j), in [0, 1].
+def similarity_table(A1: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
+    """Hu et al. (2021) eq. 4 for every i <= r1, j <= r2 at once: [r1, r2], entry (i-1, j-1) is
+    phi(A1, A2, i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j), in [0, 1].
 
     A1 [r1, d], A2 [r2, d]: U are the right-singular vectors of A (directions of the input space, strongest
     first). 1: the top-i directions of one lie inside the top-j of the other; 0: they are orthogonal.
+    With M = U1^T U2, ||M[:i, :j]||_F^2 is a 2-D running sum of M^2.
     """
-    U1 = torch.linalg.svd(A1.double(), full_matrices=False).Vh.T[:, :i]   # [d, i]
-    U2 = torch.linalg.svd(A2.double(), full_matrices=False).Vh.T[:, :j]   # [d, j]
-    return float((U1.T @ U2).pow(2).sum() / min(i, j))
+    U1, U2 = (torch.linalg.svd(a.double(), full_matrices=False).Vh for a in (A1, A2))   # [r, d] rows
+    i, j = torch.arange(1, U1.shape[0] + 1)[:, None], torch.arange(1, U2.shape[0] + 1)[None, :]
+    return (U1 @ U2.T).pow(2).cumsum(0).cumsum(1) / torch.minimum(i, j)
+
+
+def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor, i: int, j: int) -> float:
+    """phi(A1, A2, i, j): one entry of ``similarity_table``."""
+    return float(similarity_table(A1, A2)[i - 1, j - 1])
 
 
 def similarity_grid(path_lo: Path, path_hi: Path, kinds=("q_proj", "v_proj")) -> dict:
     """phi(i, j) for i <= r_lo, j <= r_hi, averaged over the layers of each kind."""
-    a_lo, a_hi = (torch.load(p, weights_only=True) for p in (path_lo, path_hi))
+    a_lo, a_hi = (safe_load(p, "file of LoRA A matrices") for p in (path_lo, path_hi))
     out = {}
     for kind in kinds:
         names = [n for n in a_lo if n.endswith(kind) and n in a_hi]
         if not names:
             continue
         r_lo, r_hi = a_lo[names[0]].shape[0], a_hi[names[0]].shape[0]
-        # phi(i, j) for every i, j at once: with M = U_lo^T U_hi, phi(i, j) = sum(M[:i, :j]^2) / min(i, j)
-        total = torch.zeros(r_lo, r_hi, dtype=torch.float64)
-        for n in names:
-            U_lo, U_hi = (torch.linalg.svd(a.double(), full_matrices=False).Vh for a in (a_lo[n], a_hi[n]))
-            total += (U_lo @ U_hi.T).pow(2).cumsum(0).cumsum(1)
-        div = torch.minimum(torch.arange(1, r_lo + 1)[:, None], torch.arange(1, r_hi + 1)[None, :])
-        grid = (total / len(names) / div).tolist()
+        grid = (sum(similarity_table(a_lo[n], a_hi[n]) for n in names) / len(names)).tolist()
         d = a_lo[names[0]].shape[1]
         out[kind] = {"r_lo": r_lo, "r_hi": r_hi, "layers": len(names), "grid": grid,
                      "random_top1": 1.0 / d}   # E[phi(1, 1)] of two random directions in d dimensions
@@ -374,8 +379,7 @@ def render(name: str, runs: list[Run], rows: dict, extra: dict) -> str:
                 if r.task != task:
                     continue
                 f = x["final"]
-                score = f["identity_new"] if task == "identity" else f["medical"]
-                body.append([task, r.flags["lora_rank"], f"{x['trainable']:,}", pct(score), pct(f["general"]),
+                body.append([task, r.flags["lora_rank"], f"{x['trainable']:,}", pct(f[SCORE[task]]), pct(f["general"]),
                              num(x["val_loss"]), f"{x['step_ms']:.0f}"])
         t = table(["task", "r", "trainable", "task score", "general QA", "val loss", "ms/step"], body)
         sim = []
@@ -393,8 +397,7 @@ def render(name: str, runs: list[Run], rows: dict, extra: dict) -> str:
         body = []
         for r, x in got:
             f = x["final"]
-            score = f["identity_new"] if r.task == "identity" else f["medical"]
-            body.append([r.task, r.flags["lora_targets"].replace("_proj", ""), f"{x['trainable']:,}", pct(score),
+            body.append([r.task, r.flags["lora_targets"].replace("_proj", ""), f"{x['trainable']:,}", pct(f[SCORE[r.task]]),
                          pct(f["general"]), drop(f["general"], base.get("general")), num(x["val_loss"])])
         return table(["task", "targets", "trainable", "task score", "general QA", "Δ general", "val loss"], body)
     if name == "scaling":
@@ -480,7 +483,7 @@ def figure(name: str, runs: list[Run], rows: dict, extra: dict, path: Path) -> N
         sims = [(task, kind, g) for task, grids in extra.get("similarity", {}).items() for kind, g in grids.items()]
         fig, axes = plt.subplots(1, 1 + len(sims), figsize=(4.2 * (1 + len(sims)), 3.8), squeeze=False)
         rank_curves(axes[0][0], {task: [(r.flags["lora_rank"], 100 * x["final"][key]) for r, x in got if r.task == task]
-                                 for task, key in (("identity", "identity_new"), ("medical", "medical"))},
+                                 for task, key in SCORE.items()},
                     "task score %", "score vs rank")
         for k, (task, kind, g) in enumerate(sims, 1):
             im = axes[0][k].imshow(g["grid"], aspect="auto", vmin=0, vmax=1, cmap="viridis",
@@ -494,8 +497,7 @@ def figure(name: str, runs: list[Run], rows: dict, extra: dict, path: Path) -> N
         fig, ax = plt.subplots(figsize=(7.5, 4.2))
         labels = [(r.task + " " + r.flags["lora_targets"].replace("_proj", "")) if name == "targets"
                   else r.flags["lora_variant"] for r, _ in got]
-        key = lambda r: "medical" if r.task == "medical" else "identity_new"
-        vals = [100 * (x["final"][key(r)] or 0) for r, x in got]
+        vals = [100 * (x["final"][SCORE[r.task]] or 0) for r, x in got]
         ax.barh(range(len(vals)), vals)
         ax.set_yticks(range(len(vals)), labels, fontsize=7)
         for k, (r, x) in enumerate(got):
@@ -662,20 +664,18 @@ def main(argv=None):
     results = load_results(results_path)
     if results.get("meta", {}).get("base_fingerprint") not in (None, fingerprint):
         raise TinyMindError(f"{results_path} holds runs of another base model; choose another --out_dir")
-    old_meta = results.get("meta", {})
-    results["meta"] = {"base": base.name, "base_fingerprint": fingerprint, "quick": args.quick, "seed": args.seed,
-                       "machine": f"{platform.machine()}, {torch.get_num_threads() if args.jobs == 1 else threads} "
-                                  f"threads per run, {args.jobs} job(s), torch {torch.__version__}",
-                       "command": "python scripts/lora_experiments.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                       "date": time.strftime("%Y-%m-%d")}
     wanted = {r.id: r for n in names for r in exps[n]}
     todo = [r for r in wanted.values() if {k: results["runs"].get(r.id, {}).get(k) for k in r.key()}
             != json.loads(json.dumps(r.key()))]
+    if todo or "meta" not in results:   # with nothing to train, the rows (and their meta) stay the earlier sweep's
+        results["meta"] = {"base": base.name, "base_fingerprint": fingerprint, "quick": args.quick, "seed": args.seed,
+                           "machine": f"{platform.machine()}, {torch.get_num_threads() if args.jobs == 1 else threads} "
+                                      f"threads per run, {args.jobs} job(s), torch {torch.__version__}",
+                           "command": "python scripts/lora_experiments.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                           "date": time.strftime("%Y-%m-%d")}
     # longest first, so that --jobs N ends together: full fine-tuning, medical (9 epochs), identity
     todo.sort(key=lambda r: (r.kind == "full", r.task == "medical", r.score_every, r.flags.get("epochs", 0)),
               reverse=True)
-    if not todo and old_meta.get("date"):   # nothing trained: the rows are still the earlier sweep's
-        results["meta"] = old_meta
     print(f"[lora_experiments] {', '.join(names)}: {len(todo)} run(s) to train, "
           f"{len(wanted) - len(todo)} already in {results_path}", flush=True)
 

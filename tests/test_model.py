@@ -228,7 +228,7 @@ def test_fast_decode_is_used_and_follows_weight_changes(monkeypatch):
     keys = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     calls = []
     real_step = fd.decode_step
-    monkeypatch.setattr("model.model.decode_step", lambda *a: calls.append(1) or real_step(*a))
+    monkeypatch.setattr("model.fast_decode.decode_step", lambda *a: calls.append(1) or real_step(*a))
 
     def check():   # fast path (cached) == recomputing everything without the cache
         calls.clear()
