@@ -175,7 +175,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, start_pos, k, v)                            # (B, nkv, S, hd)
-        causal = mask is None and T > 1        # a single new token may see every cached key
+        # a single new token may see every cached key; "True if .. else False": a plain bool even where
+        # torch.compile makes T symbolic (SDPA takes no symbolic is_causal)
+        causal = True if mask is None and T > 1 else False
         p = self.dropout if self.training else 0.0
         if self.flash and T == 1:
             # decoding one token: the nh // nkv query heads of a group become the rows of one query block

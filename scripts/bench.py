@@ -1,14 +1,16 @@
 """TinyMind performance bench: the speed and memory claims of the docs, measured on your machine.
 
 Every claim is a ratio of two variants measured in one run on one machine: the two sides are timed
-interleaved (A B A B ..., the order flipped every round) after a warm-up, and their medians are compared,
-so a busy machine slows both sides alike. Measurements (names for ``--only``):
+interleaved (A B A B ...) after a warm-up, and their medians are compared, so a busy machine slows both
+sides alike. Measurements (names for ``--only``):
 
   lora_step         LoRA (r=8, all-linear) training step vs full fine-tuning step, same batch: speed-up
+                    (also the LoRA step through LoRALinear's plain loop instead of FusedLoRA)
   lora_memory       the same two steps, peak memory above the warmed-up runtime, one fresh process per variant
                     (CPU: peak resident set, Linux VmHWM; CUDA: max allocated)
   merged_forward    forward of a model whose LoRA is merged into W vs the base model
-  unmerged_forward  forward with the LoRA branch live (x W^T + s * x A^T B^T) vs the base model
+  unmerged_forward  forward with the LoRA adapter unmerged (x (W + s B A)^T: FusedLoRA's no-gradient
+                    form) vs the base model
   kv_cache          greedy decoding of N new tokens with the KV cache vs recomputing the whole prefix
   decode            decode tokens/s, batch 1, greedy, fp32 and bf16, as % of the machine's limit: the
                     torch.mv read rate (bytes/s) / bytes of weights read per token
@@ -53,7 +55,7 @@ import torch
 
 from model.common import TinyMindError, atomic_write_text, repo_path, run_main, setup_device
 from model.model import TinyMindForCausalLM, get_config
-from model.model_lora import merge_lora
+from model.model_lora import lora_modules, merge_lora
 from scripts.bench_utils import (add_lora, build_model, current_memory_mb, greedy, make_train_step, med,
                                  peak_memory_mb, random_batch, reset_peak_memory, sync, time_interleaved)
 from trainer.train_loop import build_optimizer
@@ -117,13 +119,19 @@ def bench_lora_step(ctx):
     batch = random_batch(base.config.vocab_size, ctx.batch_size, ctx.seq_len, ctx.device)
     lora = copy.deepcopy(base)
     info = add_lora(lora, a.lora_rank, a.lora_targets)
-    times = ctx.time({"full": make_train_step(base, batch), "lora": make_train_step(lora, batch)})
+    loop = copy.deepcopy(lora)
+    for _, m in lora_modules(loop):
+        m.fused = False   # the plain loop of LoRALinear.forward, for comparison (model/model_lora.py: FusedLoRA)
+    times = ctx.time({"full": make_train_step(base, batch), "lora": make_train_step(lora, batch),
+                      "lora_loop": make_train_step(loop, batch)})
     ctx.memo[("full_step", ctx.preset)] = times["full"]  # reused by the `train` measurement
-    full, lo = med(times["full"]), med(times["lora"])
+    full, lo, lp = med(times["full"]), med(times["lora"]), med(times["lora_loop"])
     what = f"LoRA step vs full FT step ({ctx.preset}, r={a.lora_rank} {a.lora_targets}, batch {ctx.shape})"
-    rows = [row("lora_step", what, full / lo, f"{full / lo:.2f}x faster (LoRA {lo:.3f} s vs full {full:.3f} s)", "x")]
+    rows = [row("lora_step", what, full / lo, f"{full / lo:.2f}x faster (LoRA {lo:.3f} s vs full {full:.3f} s; "
+                                              f"unfused loop {lp:.3f} s = {full / lp:.2f}x)", "x")]
     details = {"preset": ctx.preset, "batch": [ctx.batch_size, ctx.seq_len], "full_s": times["full"],
-               "lora_s": times["lora"], "trainable": info["trainable"], "total": info["total"]}
+               "lora_s": times["lora"], "lora_loop_s": times["lora_loop"], "trainable": info["trainable"],
+               "total": info["total"]}
     return rows, details
 
 
@@ -209,6 +217,9 @@ def forward_times(ctx):
     add_lora(unmerged, a.lora_rank, a.lora_targets, random_b=True)
     merged = merge_lora(copy.deepcopy(unmerged)).eval()
     unmerged.eval()
+    loop = copy.deepcopy(unmerged)
+    for _, m in lora_modules(loop):
+        m.fused = False   # x W^T + s (x A^T) B^T, LoRALinear's plain loop, for comparison
     batch = random_batch(base.config.vocab_size, ctx.batch_size, ctx.seq_len, ctx.device)
 
     def fwd(m):
@@ -217,9 +228,10 @@ def forward_times(ctx):
                 return m(batch).logits
         return f
     # Same function either way: merged and unmerged must give the same logits, or we time the wrong thing.
-    diff = (fwd(merged)() - fwd(unmerged)()).abs().max().item()
+    diff = max((fwd(merged)() - fwd(m)()).abs().max().item() for m in (unmerged, loop))
     # A forward is short: twice the rounds for a tighter median.
-    times = ctx.time({"base": fwd(base), "merged": fwd(merged), "unmerged": fwd(unmerged)}, 2 * ctx.repeats + 1)
+    times = ctx.time({"base": fwd(base), "merged": fwd(merged), "unmerged": fwd(unmerged), "unmerged_loop": fwd(loop)},
+                     2 * ctx.repeats + 1)
     ctx.memo["forward"] = (times, diff)
     return ctx.memo["forward"]
 
@@ -229,8 +241,13 @@ def bench_forward(ctx, variant):
     b, v = med(times["base"]), med(times[variant])
     a = ctx.args
     what = f"{variant}-LoRA forward vs base ({ctx.preset}, r={a.lora_rank} {a.lora_targets}, batch {ctx.shape})"
-    rows = [row(f"{variant}_forward", what, v / b, f"{v / b:.3f}x ({variant} {v * 1e3:.1f} ms vs base {b * 1e3:.1f} ms)", "x")]
-    return rows, {"base_s": times["base"], f"{variant}_s": times[variant], "merged_vs_unmerged_max_abs_diff": diff}
+    result = f"{v / b:.3f}x ({variant} {v * 1e3:.1f} ms vs base {b * 1e3:.1f} ms"
+    details = {"base_s": times["base"], f"{variant}_s": times[variant], "merged_vs_unmerged_max_abs_diff": diff}
+    if variant == "unmerged":
+        lp = med(times["unmerged_loop"])
+        result += f"; unfused loop {lp / b:.3f}x"
+        details["unmerged_loop_s"] = times["unmerged_loop"]
+    return [row(f"{variant}_forward", what, v / b, result + ")", "x")], details
 
 
 def decode_setup(ctx, dtype=torch.float32):

@@ -30,18 +30,18 @@ def sync(device):
 def time_interleaved(fns, repeats, device, warmup=1, clock=time.perf_counter):
     """Time each callable in ``fns`` (name -> fn) ``repeats`` times, interleaved, after ``warmup`` untimed calls.
 
-    Interleaving (and flipping the order every round) spreads the noise of a shared machine over every
-    variant instead of punishing whichever ran while a neighbour was busy. Returns name -> list of seconds.
+    Interleaving (A B C A B C ...) spreads the noise of a shared machine over every variant instead of
+    punishing whichever ran while a neighbour was busy. The order never lets a variant run twice in a
+    row: one that did would find its own weights still in the cache (flipping the order every round,
+    A B | B A, did that to A and B in turn, and a model timed against an identical copy read 0.94-1.07x).
+    Returns name -> list of seconds.
     """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
-    for i in range(repeats):
-        order = list(fns.items())
-        if i % 2:
-            order.reverse()
-        for name, fn in order:
+    for _ in range(repeats):
+        for name, fn in fns.items():
             sync(device)
             t0 = clock()
             fn()

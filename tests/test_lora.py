@@ -379,11 +379,80 @@ def test_set_active_and_disable_adapters():
             pass
 
 
+# ---------------------------------------------------------------------------- the fused path (FusedLoRA)
+
+def loss_and_grads(model, x, fused):
+    for _, m in lora_modules(model):
+        m.fused = fused
+    model.zero_grad(set_to_none=True)
+    loss = model(x, labels=x).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_fused_lora_gives_the_loops_loss_and_gradients():
+    model, x = lora_model(), tokens(T=40)                 # 80 rows: every layer of smoke takes the fused path
+    model.train()
+    assert all(m.fused_applies(torch.zeros(80, m.in_features)) for _, m in lora_modules(model))
+    loss, grads = loss_and_grads(model, x, fused=False)
+    loss_f, grads_f = loss_and_grads(model, x, fused=True)
+    assert model(x, labels=x).loss.grad_fn is not None
+    torch.testing.assert_close(loss_f, loss, rtol=0, atol=1e-5)
+    assert set(grads_f) == set(grads) and len(grads) == 2 * 7 * 2   # A and B of 7 layers x 2 blocks
+    for n in grads:
+        torch.testing.assert_close(grads_f[n], grads[n], rtol=1e-4, atol=1e-6)
+    with torch.no_grad():                                  # evaluation: one product with W + s B A
+        model.eval()
+        fused_logits = model(x).logits
+        for _, m in lora_modules(model):
+            m.fused = False
+        torch.testing.assert_close(fused_logits, model(x).logits, rtol=0, atol=1e-5)
+
+
+def test_fused_lora_backward_is_the_chain_rule_in_fp64():
+    from model.model_lora import FusedLoRA
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    W = torch.randn(7, 6, dtype=torch.float64, generator=g)
+    A = torch.randn(3, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    B = torch.randn(7, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, A, B: FusedLoRA.apply(x, W, A, B, 2.5), (x, A, B))
+    y = FusedLoRA.apply(x, W, A, B, 2.5)
+    torch.testing.assert_close(y, x @ W.t() + 2.5 * (x @ A.t()) @ B.t())
+
+
+def test_fused_lora_only_where_it_computes_the_same_function():
+    model = lora_model(dropout=0.1)
+    layer = model.model.layers[0].self_attn.q_proj
+    many, few = torch.zeros(64, 64), torch.zeros(8, 64)     # 64 x 64: fused from 32 rows on
+    assert layer.fused_applies(many) and not layer.fused_applies(few)   # one decoded token: the thin products
+    layer.train()
+    assert not layer.fused_applies(many)                   # dropout at work on the branch's input
+    layer.eval()
+    layer.base.weight.requires_grad_(True)
+    assert not layer.fused_applies(many)                   # W trains too: it would need dW
+    layer.base.weight.requires_grad_(False)
+    assert not layer.fused_applies(many.bfloat16())        # bf16: W + s B A would round small updates away
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not layer.fused_applies(many)
+    layer.merge()
+    assert not layer.fused_applies(many)                   # merged: base(x) is the whole function
+    layer.unmerge()
+    two = lora_model(seed=0)
+    apply_lora(two, adapter_name="second", **CFG)
+    set_active_adapters(two, ["default", "second"])
+    assert not two.model.layers[0].self_attn.q_proj.fused_applies(many)
+    dora = make_model()
+    apply_lora(dora, variant="dora", **CFG)
+    assert not dora.model.layers[0].self_attn.q_proj.fused_applies(many)
+
+
 # ---------------------------------------------------------------------------- compile, DDP, merge script
 
 @pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile unavailable")
-def test_compiled_model_gives_the_same_output_and_gradients():
-    model, x = lora_model(), tokens()
+@pytest.mark.parametrize("T", [12, 40])   # 12: the loop in LoRALinear.forward; 40: FusedLoRA
+def test_compiled_model_gives_the_same_output_and_gradients(T):
+    model, x = lora_model(), tokens(T=T)
     model.train()
     eager_loss = model(x, labels=x).loss
     eager_loss.backward()
@@ -394,7 +463,7 @@ def test_compiled_model_gives_the_same_output_and_gradients():
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
         loss = compiled(x, labels=x).loss
     except Exception as e:  # pragma: no cover - platforms without a working dynamo
-        pytest.skip(f"torch.compile not usable here: {type(e).__name__}")
+        pytest.skip(f"torch.compile not usable here: {type(e).__name__}: {str(e)[:300]}")
     torch.testing.assert_close(loss, eager_loss, rtol=0, atol=1e-5)
     loss.backward()
     for n, p in model.named_parameters():
