@@ -322,26 +322,49 @@ def decode_row(name, what, tps, limit, extra=""):
     return row(name, what, pct, f"{tps:.1f} tok/s = {pct:.0f}% of limit {limit:.0f} tok/s{extra}", "% of limit")
 
 
+def products_only_times(ctx, model):
+    """Seconds for ``--new_tokens`` decoding steps that do nothing but the step's matrix products (the fused
+    matrices of ``model/fast_decode.py``, one row): how close to the limit decoding could get if every
+    other operation (norms, RoPE, attention, sampling, Python) cost nothing."""
+    from model.fast_decode import decode_weights
+    w, cfg = decode_weights(model), model.config
+    dtype = model.lm_head.weight.dtype
+    x = torch.randn(1, cfg.hidden_size, device=ctx.device).to(dtype)
+    h = torch.randn(1, cfg.intermediate_size, device=ctx.device).to(dtype)
+
+    def steps():
+        with torch.inference_mode():
+            for _ in range(ctx.new_tokens):
+                for lw in w.layers:
+                    x @ lw.qkv, x @ lw.o, x @ lw.gate_up, h @ lw.down
+                x @ w.head
+    return ctx.time({"products": steps})["products"]
+
+
 def bench_decode(ctx):
-    times, _ = cached_decode_times(ctx)
-    tps = ctx.new_tokens / med(times)
-    model, prompt = decode_setup(ctx)
-    limit, lim32 = decode_limit(model, ctx.device)
-    what = f"decode tokens/s ({ctx.preset}, batch 1, {ctx.new_tokens} new tokens, fp32, KV cache)"
-    rows = [decode_row("decode", what, tps, limit)]
-    details = {"fp32_s": times, "new_tokens": ctx.new_tokens, "prompt_len": ctx.args.prompt_len,
-               "fp32_tok_s": tps, "fp32_limit": lim32,
-               "limit_rule": "limit tok/s = torch.mv read rate (bytes/s, best of 7 over one matrix at least as "
-                             "large as the weights a step reads) / bytes of weights read per token"}
+    rows, details = [], {"new_tokens": ctx.new_tokens, "prompt_len": ctx.args.prompt_len,
+                         "limit_rule": "limit tok/s = torch.mv read rate (bytes/s, best of 7 over one matrix at "
+                                       "least as large as the weights a step reads) / bytes of weights read per "
+                                       "token"}
     # bf16 halves the bytes read per token; CPUs without native bf16 (no AVX512-BF16/AMX) convert on the fly,
     # which its own mv limit measures too.
-    model, prompt = decode_setup(ctx, torch.bfloat16)
-    t = ctx.time({"bf16": lambda: greedy(model, prompt, ctx.new_tokens, True)})["bf16"]
-    bf = ctx.new_tokens / med(t)
-    limit_bf, lim16 = decode_limit(model, ctx.device)
-    rows.append(decode_row("decode_bf16", what.replace("fp32", "bf16"), bf, limit_bf,
-                           f" ({bf / tps:.2f}x fp32)"))
-    details.update(bf16_s=t, bf16_tok_s=bf, bf16_limit=lim16)
+    for dtype, key in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        model, prompt = decode_setup(ctx, dtype)
+        if key == "fp32":
+            times, _ = cached_decode_times(ctx)
+        else:
+            times = ctx.time({key: lambda: greedy(model, prompt, ctx.new_tokens, True)})[key]
+        tps = ctx.new_tokens / med(times)
+        limit, lim = decode_limit(model, ctx.device)
+        products = products_only_times(ctx, model)
+        ptps = ctx.new_tokens / med(products)
+        extra = f"; its matrix products alone: {ptps:.0f} tok/s = {100 * ptps / limit:.0f}%"
+        if key == "bf16":
+            extra = f" ({tps / details['fp32_tok_s']:.2f}x fp32){extra}"
+        what = f"decode tokens/s ({ctx.preset}, batch 1, {ctx.new_tokens} new tokens, {key}, KV cache)"
+        rows.append(decode_row("decode" if key == "fp32" else "decode_bf16", what, tps, limit, extra))
+        details.update({f"{key}_s": times, f"{key}_tok_s": tps, f"{key}_limit": lim,
+                        f"{key}_products_only_s": products, f"{key}_products_only_tok_s": ptps})
     return rows, details
 
 
