@@ -64,6 +64,8 @@ class LayerWeights:
     o: torch.Tensor         # (C, C)
     gate_up: torch.Tensor   # (C, 2 I): gate and up side by side
     down: torch.Tensor      # (I, C)
+    norm_in: torch.Tensor   # (C,) input_layernorm's weight in fp32 (the parameter itself when it is fp32)
+    norm_post: torch.Tensor  # (C,) post_attention_layernorm's weight in fp32
 
 
 class DecodeWeights:
@@ -77,8 +79,11 @@ class DecodeWeights:
             gate_up = torch.cat([plain_weight(m.gate_proj), plain_weight(m.up_proj)])
             self.layers.append(LayerWeights(qkv=inference_layout(qkv), o=inference_layout(plain_weight(a.o_proj)),
                                             gate_up=inference_layout(gate_up),
-                                            down=inference_layout(plain_weight(m.down_proj))))
+                                            down=inference_layout(plain_weight(m.down_proj)),
+                                            norm_in=block.input_layernorm.weight.float(),
+                                            norm_post=block.post_attention_layernorm.weight.float()))
         self.head = inference_layout(plain_weight(model.lm_head))   # (C, V)
+        self.norm = model.model.norm.weight.float()                 # (C,) the final norm's weight in fp32
         self.key = weights_key(model)
 
 
@@ -93,9 +98,10 @@ def source_weights(model: nn.Module) -> list[torch.Tensor | None]:
 
 
 def weights_key(model: nn.Module) -> tuple:
-    """Changes whenever a source matrix does: another tensor (data_ptr: .to(), load into new tensors),
-    in-place writes (the version counter: optimizer steps, load_state_dict, LoRA merge) or dtype."""
-    return tuple((w.data_ptr(), w._version, w.dtype) for w in source_weights(model))
+    """Changes whenever a source matrix or norm weight does: another tensor (data_ptr: .to(), load into new
+    tensors), in-place writes (the version counter: optimizer steps, load_state_dict, LoRA merge) or dtype."""
+    norms = [n.weight for block in model.model.layers for n in (block.input_layernorm, block.post_attention_layernorm)]
+    return tuple((w.data_ptr(), w._version, w.dtype) for w in source_weights(model) + norms + [model.model.norm.weight])
 
 
 # model -> its DecodeWeights. A weak dictionary, not an attribute: the copies never enter state_dict,
@@ -119,7 +125,7 @@ def decode_weights(model: nn.Module) -> DecodeWeights:
     return cached
 
 
-def rms_norm_one(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+def rms_norm_one(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``RMSNorm`` (model/model.py) for a few rows: x / sqrt(sum(x^2) / C + eps) * weight, in fp32.
 
     The same formula with a sum instead of ``F.rms_norm``'s mean: on one row of 512 numbers a 2-core CPU
@@ -127,20 +133,22 @@ def rms_norm_one(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     decoded token runs 2 norms per layer + 1 (17 in `small`)."""
     x32 = x.float()
     ms = x32.square().sum(-1, keepdim=True).div_(x.size(-1))                # mean of squares: (..., 1)
-    return (x32 * torch.rsqrt(ms.add_(norm.eps)) * norm.weight.float()).to(x.dtype)
+    return (x32 * torch.rsqrt(ms.add_(eps)) * weight).to(x.dtype)
 
 
 def decode_step(model: nn.Module, w: DecodeWeights, ids, cache, pos: int):
-    """Logits (B, V) for the tokens ids (B, 1) at position ``pos``; writes their keys/values to ``cache``."""
+    """Logits (B, V) for the tokens ids (B, 1) at position ``pos``; writes their keys/values to ``cache``.
+    The residual stream is (B, C), one row per sequence: no sequence axis to carry through every product."""
     core, cfg = model.model, model.config
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     hd = cfg.hidden_size // nh
+    eps = cfg.rms_norm_eps
     B = ids.size(0)
     cos, sin = core.rope_cos[pos], core.rope_sin[pos]                     # (hd,)
-    x = core.embed_tokens(ids)                                           # (B, 1, C)
+    x = core.embed_tokens(ids.view(B))                                   # (B, C)
     for i, (block, lw) in enumerate(zip(core.layers, w.layers)):
         attn = block.self_attn
-        qkv = (rms_norm_one(x, block.input_layernorm) @ lw.qkv).view(B, nh + 2 * nkv, hd)  # (B, nh + 2 nkv, hd)
+        qkv = (rms_norm_one(x, lw.norm_in, eps) @ lw.qkv).view(B, nh + 2 * nkv, hd)  # (B, nh + 2 nkv, hd)
         qk, v = qkv[:, :nh + nkv], qkv[:, nh + nkv:]                         # q and k heads, v heads
         if attn.qk_norm:
             qk = torch.cat((attn.q_norm(qk[:, :nh]), attn.k_norm(qk[:, nh:])), dim=1)
@@ -149,7 +157,7 @@ def decode_step(model: nn.Module, w: DecodeWeights, ids, cache, pos: int):
         # the nh // nkv query heads sharing a k/v head are the rows of one query block (as in Attention)
         q = qk[:, :nh].view(B, nkv, nh // nkv, hd)
         y = F.scaled_dot_product_attention(q, k, v)                          # (B, nkv, nh // nkv, hd)
-        x = x + y.reshape(B, 1, nh * hd) @ lw.o                              # (B, 1, C)
-        gate, up = (rms_norm_one(x, block.post_attention_layernorm) @ lw.gate_up).chunk(2, dim=-1)   # (B, 1, I) each
+        x = x + y.view(B, nh * hd) @ lw.o                                    # (B, C)
+        gate, up = (rms_norm_one(x, lw.norm_post, eps) @ lw.gate_up).chunk(2, dim=-1)   # (B, I) each
         x = x + (F.silu(gate) * up) @ lw.down
-    return (rms_norm_one(x, core.norm) @ w.head)[:, 0]                                    # (B, V)
+    return rms_norm_one(x, w.norm, eps) @ w.head                         # (B, V)

@@ -143,9 +143,9 @@ class KVCache:
             self.k[layer] = k.new_zeros(B, nkv, self.max_len, hd)
             self.v[layer] = v.new_zeros(B, nkv, self.max_len, hd)
         end = start + k.size(2)
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]   # (B, nkv, S, hd) views
+        self.k[layer].narrow(2, start, k.size(2)).copy_(k)            # cache[:, :, start:end] = k
+        self.v[layer].narrow(2, start, v.size(2)).copy_(v)
+        return self.k[layer].narrow(2, 0, end), self.v[layer].narrow(2, 0, end)   # (B, nkv, S, hd) views
 
 
 class Attention(nn.Module):

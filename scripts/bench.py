@@ -13,7 +13,8 @@ sides alike. Measurements (names for ``--only``):
                     form) vs the base model
   kv_cache          greedy decoding of N new tokens with the KV cache vs recomputing the whole prefix
   decode            decode tokens/s, batch 1, greedy, fp32 and bf16, as % of the machine's limit: the
-                    torch.mv read rate (bytes/s) / bytes of weights read per token
+                    torch.mv read rate (bytes/s, timed interleaved with the decode runs) / bytes of weights
+                    read per token; also the step's matrix products alone
   packing           pretraining: useful (non-pad) tokens/s of the packed loader vs padding every document
   train             training tokens/s (full fine-tuning step) of the `tiny` and `small` presets
   train_compile     the same step under torch.compile (--use_compile 1) vs eager: speed-up and compile time
@@ -256,18 +257,10 @@ def decode_setup(ctx, dtype=torch.float32):
     return model, prompt
 
 
-def cached_decode_times(ctx):
-    """Batch-1 greedy decoding with the KV cache, fp32 (shared by `kv_cache` and `decode`)."""
-    if "decode" not in ctx.memo:
-        model, prompt = decode_setup(ctx)
-        times = ctx.time({"cached": lambda: greedy(model, prompt, ctx.new_tokens, use_cache=True)})["cached"]
-        ctx.memo["decode"] = (times, greedy(model, prompt, ctx.new_tokens, use_cache=True))
-    return ctx.memo["decode"]
-
-
 def bench_kv_cache(ctx):
-    times, tokens = cached_decode_times(ctx)
-    model, prompt = decode_setup(ctx)  # the same seeded weights and prompt as the cached runs
+    model, prompt = decode_setup(ctx)
+    times = ctx.time({"cached": lambda: greedy(model, prompt, ctx.new_tokens, use_cache=True)})["cached"]
+    tokens = greedy(model, prompt, ctx.new_tokens, use_cache=True)
     # Without the cache every step re-runs the whole prefix: O(N^2) work, so one run is enough (and long).
     sync(ctx.device)
     t0 = ctx.clock()
@@ -290,31 +283,22 @@ def decode_bytes_per_token(model):
     return elems * model.lm_head.weight.element_size()
 
 
-def mv_read_rate(n_bytes, width, dtype, device, repeats=7):
-    """Bytes/s that ``torch.mv`` reads from one (rows, width) matrix of at least ``n_bytes`` in ``dtype``:
-    the machine's matrix-vector read rate from memory (the matrix is at least as large as the weights a
-    decoding step reads, so it streams from DRAM as decoding does). Best of ``repeats``: noise only slows."""
+def limit_reads(model, device, reads):
+    """(fn, bytes per call): fn runs ``reads`` ``torch.mv`` products over one (rows, hidden) matrix at least
+    as large as the weights a decoding step reads, in the model's dtype, so it streams from memory as
+    decoding does. Timed interleaved with the decode runs (``reads`` = tokens decoded per run), its median
+    gives the machine's matrix-vector read rate over the same moments as the decode rate it is compared with."""
+    n_bytes, width, dtype = decode_bytes_per_token(model), model.config.hidden_size, model.lm_head.weight.dtype
     rows = -(-n_bytes // (width * torch.finfo(dtype).bits // 8))   # ceil
     g = torch.Generator().manual_seed(0)
     W = torch.randn(rows, width, generator=g).to(device=device, dtype=dtype)
     x = torch.randn(width, generator=g).to(device=device, dtype=dtype)
-    best = float("inf")
-    with torch.inference_mode():
-        torch.mv(W, x)   # warm-up
-        for _ in range(repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            torch.mv(W, x)
-            sync(device)
-            best = min(best, time.perf_counter() - t0)
-    return W.numel() * W.element_size() / best
 
-
-def decode_limit(model, device):
-    """(limit tok/s, details): the decode rate if every step read its weights at ``torch.mv``'s rate."""
-    n_bytes = decode_bytes_per_token(model)
-    rate = mv_read_rate(n_bytes, model.config.hidden_size, model.lm_head.weight.dtype, device)
-    return rate / n_bytes, {"bytes_per_token": n_bytes, "mv_bytes_per_s": rate, "limit_tok_s": rate / n_bytes}
+    def fn():
+        with torch.inference_mode():
+            for _ in range(reads):
+                torch.mv(W, x)
+    return fn, reads * W.numel() * W.element_size()
 
 
 def decode_row(name, what, tps, limit, extra=""):
@@ -322,10 +306,10 @@ def decode_row(name, what, tps, limit, extra=""):
     return row(name, what, pct, f"{tps:.1f} tok/s = {pct:.0f}% of limit {limit:.0f} tok/s{extra}", "% of limit")
 
 
-def products_only_times(ctx, model):
-    """Seconds for ``--new_tokens`` decoding steps that do nothing but the step's matrix products (the fused
-    matrices of ``model/fast_decode.py``, one row): how close to the limit decoding could get if every
-    other operation (norms, RoPE, attention, sampling, Python) cost nothing."""
+def products_only_fn(ctx, model):
+    """``--new_tokens`` decoding steps that do nothing but the step's matrix products (the fused matrices
+    of ``model/fast_decode.py``, one row): how close to the limit decoding could get if every other
+    operation (norms, RoPE, attention, sampling, Python) cost nothing."""
     from model.fast_decode import decode_weights
     w, cfg = decode_weights(model), model.config
     dtype = model.lm_head.weight.dtype
@@ -338,33 +322,34 @@ def products_only_times(ctx, model):
                 for lw in w.layers:
                     x @ lw.qkv, x @ lw.o, x @ lw.gate_up, h @ lw.down
                 x @ w.head
-    return ctx.time({"products": steps})["products"]
+    return steps
 
 
 def bench_decode(ctx):
     rows, details = [], {"new_tokens": ctx.new_tokens, "prompt_len": ctx.args.prompt_len,
-                         "limit_rule": "limit tok/s = torch.mv read rate (bytes/s, best of 7 over one matrix at "
-                                       "least as large as the weights a step reads) / bytes of weights read per "
-                                       "token"}
+                         "limit_rule": "limit tok/s = torch.mv read rate / bytes of weights read per token; the "
+                                       "rate: --new_tokens mv products over one matrix at least as large as the "
+                                       "weights a step reads, timed interleaved with the decode runs (median)"}
     # bf16 halves the bytes read per token; CPUs without native bf16 (no AVX512-BF16/AMX) convert on the fly,
     # which its own mv limit measures too.
     for dtype, key in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         model, prompt = decode_setup(ctx, dtype)
-        if key == "fp32":
-            times, _ = cached_decode_times(ctx)
-        else:
-            times = ctx.time({key: lambda: greedy(model, prompt, ctx.new_tokens, True)})[key]
-        tps = ctx.new_tokens / med(times)
-        limit, lim = decode_limit(model, ctx.device)
-        products = products_only_times(ctx, model)
-        ptps = ctx.new_tokens / med(products)
+        limit_fn, limit_bytes = limit_reads(model, ctx.device, ctx.new_tokens)
+        # decoding, its matrix products alone and the limit's reads, timed interleaved: one set of moments
+        times = ctx.time({"decode": lambda: greedy(model, prompt, ctx.new_tokens, True),
+                          "products": products_only_fn(ctx, model), "limit": limit_fn})
+        tps, ptps = ctx.new_tokens / med(times["decode"]), ctx.new_tokens / med(times["products"])
+        rate = limit_bytes / med(times["limit"])                        # bytes/s that torch.mv reads
+        limit = rate / decode_bytes_per_token(model)                    # tok/s if a step only read its weights
         extra = f"; its matrix products alone: {ptps:.0f} tok/s = {100 * ptps / limit:.0f}%"
         if key == "bf16":
             extra = f" ({tps / details['fp32_tok_s']:.2f}x fp32){extra}"
         what = f"decode tokens/s ({ctx.preset}, batch 1, {ctx.new_tokens} new tokens, {key}, KV cache)"
         rows.append(decode_row("decode" if key == "fp32" else "decode_bf16", what, tps, limit, extra))
-        details.update({f"{key}_s": times, f"{key}_tok_s": tps, f"{key}_limit": lim,
-                        f"{key}_products_only_s": products, f"{key}_products_only_tok_s": ptps})
+        details.update({f"{key}_s": times["decode"], f"{key}_tok_s": tps, f"{key}_products_only_s": times["products"],
+                        f"{key}_products_only_tok_s": ptps, f"{key}_limit_reads_s": times["limit"],
+                        f"{key}_limit": {"bytes_per_token": decode_bytes_per_token(model), "mv_bytes_per_s": rate,
+                                         "limit_tok_s": limit}})
     return rows, details
 
 
