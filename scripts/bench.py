@@ -8,7 +8,8 @@ sides alike. Measurements (names for ``--only``):
                     (also the LoRA step through LoRALinear's plain loop instead of FusedLoRA)
   lora_memory       the same two steps, peak memory above the warmed-up runtime, one fresh process per variant
                     (CPU: peak resident set, Linux VmHWM; CUDA: max allocated)
-  merged_forward    forward of a model whose LoRA is merged into W vs the base model
+  merged_forward    forward of a model whose LoRA is merged into W vs the base model (beside it: an identical
+                    copy of the base, timed in the same rounds, shows how far "the same work" reads from 1.00x)
   unmerged_forward  forward with the LoRA adapter unmerged (x (W + s B A)^T: FusedLoRA's no-gradient
                     form) vs the base model
   kv_cache          greedy decoding of N new tokens with the KV cache vs recomputing the whole prefix
@@ -231,8 +232,10 @@ def forward_times(ctx):
     # Same function either way: merged and unmerged must give the same logits, or we time the wrong thing.
     diff = max((fwd(merged)() - fwd(m)()).abs().max().item() for m in (unmerged, loop))
     # A forward is short: twice the rounds for a tighter median.
-    times = ctx.time({"base": fwd(base), "merged": fwd(merged), "unmerged": fwd(unmerged), "unmerged_loop": fwd(loop)},
-                     2 * ctx.repeats + 1)
+    # base_copy: an identical copy of the base, timed in the same rounds: what "the same work" reads on this
+    # machine (memory placement and noise), the yardstick for the 1.00x of a merged model.
+    times = ctx.time({"base": fwd(base), "merged": fwd(merged), "unmerged": fwd(unmerged), "unmerged_loop": fwd(loop),
+                      "base_copy": fwd(copy.deepcopy(base))}, 2 * ctx.repeats + 1)
     ctx.memo["forward"] = (times, diff)
     return ctx.memo["forward"]
 
@@ -248,6 +251,10 @@ def bench_forward(ctx, variant):
         lp = med(times["unmerged_loop"])
         result += f"; unfused loop {lp / b:.3f}x"
         details["unmerged_loop_s"] = times["unmerged_loop"]
+    else:
+        c = med(times["base_copy"])
+        result += f"; an identical copy of the base {c / b:.3f}x"
+        details["base_copy_s"] = times["base_copy"]
     return [row(f"{variant}_forward", what, v / b, result + ")", "x")], details
 
 
