@@ -17,9 +17,10 @@ of 25.8 ms in fp32 and 16.3 ms instead of 19.3 ms in bf16. What it changes:
   while it sits in cache). bf16/fp16 keep the (out, in) layout: their transposed product takes a slow path.
   Parameter names, shapes and the checkpoint format are untouched; the copies are not in the state dict.
 - ``decode_step``: the model's forward for one token with those matrices and fewer small operations
-  (RoPE once over the q and k heads together, the position's cos/sin picked directly, no masks, RMSNorm
-  of one row through ``rms_norm_one``). Before ``rms_norm_one`` the two paths above ran in the 17.3 / 16.3
-  ms; ``scripts/bench.py --only decode`` prints today's rate and what the matrix products alone reach.
+  (RoPE once over the q and k heads together, the position's cos/sin picked directly, no masks, the
+  residual stream as (B, C) rows, RMSNorm of one row through ``rms_norm_one`` with fp32 norm weights kept
+  beside the matrices). The 17.3 / 16.3 ms above were measured before ``rms_norm_one``;
+  ``scripts/bench.py --only decode`` prints today's rate and what the matrix products alone reach.
 
 ``generate`` falls back to the plain forward where this path does not apply (``fast_decode_supported``):
 left-padded batches (attention_mask), a live LoRA branch (a merged one is fine), ``flash_attn=False``,
