@@ -32,8 +32,9 @@ def time_interleaved(fns, repeats, device, warmup=1, clock=time.perf_counter):
 
     Interleaving (A B C A B C ...) spreads the noise of a shared machine over every variant instead of
     punishing whichever ran while a neighbour was busy. The order never lets a variant run twice in a
-    row: one that did would find its own weights still in the cache (flipping the order every round,
-    A B | B A, did that to A and B in turn, and a model timed against an identical copy read 0.94-1.07x).
+    row, where it could find its own weights still in the cache (flipping the order every round, A B | B A,
+    did that to A and B in turn). Even so, on a shared 2-core machine two identical models timed this way
+    read up to about 5% apart (``merged_forward`` times such a copy as its yardstick).
     Returns name -> list of seconds.
     """
     for _ in range(warmup):
