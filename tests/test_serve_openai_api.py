@@ -7,6 +7,7 @@ the command line's bad input.
 """
 import http.client
 import json
+import os
 import signal
 import socket
 import struct
@@ -253,8 +254,12 @@ def test_request_validation_of_the_sampling_fields():
 
 def test_command_line_from_its_own_folder_and_ctrl_c(trained_smoke, capsys):
     d, tok_path = trained_smoke
+    # A shell that starts jobs in the background hands them SIGINT ignored, and a Python started that way
+    # never turns Ctrl-C into KeyboardInterrupt: give the server the default disposition, as a terminal would.
+    restore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if os.name == "posix" else None
     proc = subprocess.Popen([sys.executable, "serve_openai_api.py", "--save_dir", str(d), "--device", "cpu",
-                             "--port", "0"], cwd=ROOT / "scripts", stderr=subprocess.PIPE, text=True)
+                             "--port", "0"], cwd=ROOT / "scripts", stderr=subprocess.PIPE, text=True,
+                            preexec_fn=restore_sigint)
     try:
         lines = []
         while not lines or not lines[-1].startswith("  page: "):
