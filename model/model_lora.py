@@ -215,7 +215,7 @@ class LoRALinear(nn.Module):
             return False
         name, w = self.active[0], self.base.weight
         A = self.lora_A[name]
-        rows = x.numel() // max(self.in_features, 1)
+        rows = x.numel() // self.in_features
         return (self.base.bias is None and not w.requires_grad and w.dtype in (torch.float32, torch.float64)
                 and x.dtype == w.dtype == A.dtype and not torch.is_autocast_enabled(x.device.type)
                 and not (self.training and isinstance(self.lora_dropout[name], nn.Dropout))

@@ -57,9 +57,11 @@ import torch
 
 from model.common import TinyMindError, atomic_write_text, repo_path, run_main, setup_device
 from model.model import TinyMindForCausalLM, get_config
-from model.model_lora import lora_modules, merge_lora
+from model.fast_decode import decode_weights
+from model.model_lora import merge_lora
 from scripts.bench_utils import (add_lora, build_model, current_memory_mb, greedy, make_train_step, med,
-                                 peak_memory_mb, random_batch, reset_peak_memory, sync, time_interleaved)
+                                 peak_memory_mb, random_batch, reset_peak_memory, sync, time_interleaved,
+                                 unfused_copy)
 from trainer.train_loop import build_optimizer
 
 MEASUREMENTS = ("lora_step", "lora_memory", "merged_forward", "unmerged_forward",
@@ -121,11 +123,8 @@ def bench_lora_step(ctx):
     batch = random_batch(base.config.vocab_size, ctx.batch_size, ctx.seq_len, ctx.device)
     lora = copy.deepcopy(base)
     info = add_lora(lora, a.lora_rank, a.lora_targets)
-    loop = copy.deepcopy(lora)
-    for _, m in lora_modules(loop):
-        m.fused = False   # the plain loop of LoRALinear.forward, for comparison (model/model_lora.py: FusedLoRA)
     times = ctx.time({"full": make_train_step(base, batch), "lora": make_train_step(lora, batch),
-                      "lora_loop": make_train_step(loop, batch)})
+                      "lora_loop": make_train_step(unfused_copy(lora), batch)})
     ctx.memo[("full_step", ctx.preset)] = times["full"]  # reused by the `train` measurement
     full, lo, lp = med(times["full"]), med(times["lora"]), med(times["lora_loop"])
     what = f"LoRA step vs full FT step ({ctx.preset}, r={a.lora_rank} {a.lora_targets}, batch {ctx.shape})"
@@ -219,9 +218,7 @@ def forward_times(ctx):
     add_lora(unmerged, a.lora_rank, a.lora_targets, random_b=True)
     merged = merge_lora(copy.deepcopy(unmerged)).eval()
     unmerged.eval()
-    loop = copy.deepcopy(unmerged)
-    for _, m in lora_modules(loop):
-        m.fused = False   # x W^T + s (x A^T) B^T, LoRALinear's plain loop, for comparison
+    loop = unfused_copy(unmerged)   # x W^T + s (x A^T) B^T, LoRALinear's plain loop, for comparison
     batch = random_batch(base.config.vocab_size, ctx.batch_size, ctx.seq_len, ctx.device)
 
     def fwd(m):
@@ -290,12 +287,12 @@ def decode_bytes_per_token(model):
     return elems * model.lm_head.weight.element_size()
 
 
-def limit_reads(model, device, reads):
-    """(fn, bytes per call): fn runs ``reads`` ``torch.mv`` products over one (rows, hidden) matrix at least
-    as large as the weights a decoding step reads, in the model's dtype, so it streams from memory as
+def limit_reads(model, n_bytes, device, reads):
+    """(fn, bytes per call): fn runs ``reads`` ``torch.mv`` products over one (rows, hidden) matrix of at least
+    ``n_bytes`` (the weights a decoding step reads), in the model's dtype, so it streams from memory as
     decoding does. Timed interleaved with the decode runs (``reads`` = tokens decoded per run), its median
     gives the machine's matrix-vector read rate over the same moments as the decode rate it is compared with."""
-    n_bytes, width, dtype = decode_bytes_per_token(model), model.config.hidden_size, model.lm_head.weight.dtype
+    width, dtype = model.config.hidden_size, model.lm_head.weight.dtype
     rows = -(-n_bytes // (width * torch.finfo(dtype).bits // 8))   # ceil
     g = torch.Generator().manual_seed(0)
     W = torch.randn(rows, width, generator=g).to(device=device, dtype=dtype)
@@ -317,7 +314,6 @@ def products_only_fn(ctx, model):
     """``--new_tokens`` decoding steps that do nothing but the step's matrix products (the fused matrices
     of ``model/fast_decode.py``, one row): how close to the limit decoding could get if every other
     operation (norms, RoPE, attention, sampling, Python) cost nothing."""
-    from model.fast_decode import decode_weights
     w, cfg = decode_weights(model), model.config
     dtype = model.lm_head.weight.dtype
     x = torch.randn(1, cfg.hidden_size, device=ctx.device).to(dtype)
@@ -341,13 +337,14 @@ def bench_decode(ctx):
     # which its own mv limit measures too.
     for dtype, key in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         model, prompt = decode_setup(ctx, dtype)
-        limit_fn, limit_bytes = limit_reads(model, ctx.device, ctx.new_tokens)
+        n_bytes = decode_bytes_per_token(model)
+        limit_fn, limit_bytes = limit_reads(model, n_bytes, ctx.device, ctx.new_tokens)
         # decoding, its matrix products alone and the limit's reads, timed interleaved: one set of moments
         times = ctx.time({"decode": lambda: greedy(model, prompt, ctx.new_tokens, True),
                           "products": products_only_fn(ctx, model), "limit": limit_fn})
         tps, ptps = ctx.new_tokens / med(times["decode"]), ctx.new_tokens / med(times["products"])
         rate = limit_bytes / med(times["limit"])                        # bytes/s that torch.mv reads
-        limit = rate / decode_bytes_per_token(model)                    # tok/s if a step only read its weights
+        limit = rate / n_bytes                                          # tok/s if a step only read its weights
         extra = f"; its matrix products alone: {ptps:.0f} tok/s = {100 * ptps / limit:.0f}%"
         if key == "bf16":
             extra = f" ({tps / details['fp32_tok_s']:.2f}x fp32){extra}"
@@ -355,7 +352,7 @@ def bench_decode(ctx):
         rows.append(decode_row("decode" if key == "fp32" else "decode_bf16", what, tps, limit, extra))
         details.update({f"{key}_s": times["decode"], f"{key}_tok_s": tps, f"{key}_products_only_s": times["products"],
                         f"{key}_products_only_tok_s": ptps, f"{key}_limit_reads_s": times["limit"],
-                        f"{key}_limit": {"bytes_per_token": decode_bytes_per_token(model), "mv_bytes_per_s": rate,
+                        f"{key}_limit": {"bytes_per_token": n_bytes, "mv_bytes_per_s": rate,
                                          "limit_tok_s": limit}})
     return rows, details
 

@@ -8,6 +8,7 @@ batches and steps the measurements share.
 - ``reset_peak_memory`` / ``peak_memory_mb`` / ``current_memory_mb``: CUDA allocator stats, or the
   process's resident set on the CPU (Linux VmHWM / statm).
 """
+import copy
 import os
 import statistics
 import sys
@@ -17,7 +18,7 @@ import torch
 
 from model.common import TinyMindError
 from model.model import TinyMindForCausalLM, get_config
-from model.model_lora import apply_lora
+from model.model_lora import apply_lora, lora_modules
 from trainer.train_loop import build_optimizer
 
 
@@ -75,6 +76,15 @@ def add_lora(model, rank, targets, random_b=False):
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     return info
+
+
+def unfused_copy(model):
+    """A copy of ``model`` whose LoRA layers run ``LoRALinear.forward``'s plain loop instead of ``FusedLoRA``
+    (model/model_lora.py): the same function, timed beside the fused path."""
+    loop = copy.deepcopy(model)
+    for _, m in lora_modules(loop):
+        m.fused = False
+    return loop
 
 
 def make_train_step(model, batch):
