@@ -178,7 +178,7 @@ def make_scorer(sets, tok, device, parts: int, quick: bool):
     """A TrainHook that scores the model at the end of each of ``parts`` equal parts of training (each
     epoch when parts = epochs), keeps the model for the checks after training, and notes the peak memory."""
     from scripts.bench_utils import peak_memory_mb, reset_peak_memory
-    from trainer.train_loop import TrainHook
+    from model.train_hook import TrainHook
 
     class Scorer(TrainHook):
         def __init__(self):

@@ -17,7 +17,8 @@ from model.lora_variants.lora_drop import lora_output_scores, reset_adapter, sel
 from model.lora_variants.lora_fa import LoRAFAHook, freeze_lora_A, lora_fa_grad
 from model.lora_variants.lora_plus import make_loraplus_optimizer
 from model.lora_variants.lora_pro import LoRAProHook, lora_pro_grads, solve_sylvester_sym
-from trainer.train_loop import TrainHook, build_optimizer, set_lr, update_weights
+from model.train_hook import TrainHook
+from trainer.train_loop import build_optimizer, set_lr, update_weights
 
 CFG = dict(rank=4, alpha=12.0)   # scaling 3: alpha != r, so a forgotten s shows
 

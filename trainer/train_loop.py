@@ -29,37 +29,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from model.common import DeviceContext, TinyMindError, atomic_save
+from model.train_hook import TrainHook
 from trainer.resume import (epoch_batches, get_rng_states, load_resume, resume_payload, sample_lengths,
                             seed_everything, set_rng_states)
 from trainer.trainer_utils import RunFiles, TrainConfig, plot_loss, read_csv_rows, write_csv_rows
-
-
-class TrainHook:
-    """Called by ``train_loop`` at fixed moments; override the ones you need (each default does nothing).
-
-    ``model`` is always the unwrapped model (not the compiled or DDP wrapper); ``step`` counts
-    optimizer steps from 1. Hooks run on every rank, so under DDP they must do the same on each.
-    """
-
-    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int) -> None:
-        """Before the first step (also after a resume)."""
-
-    def after_backward(self, model: nn.Module, step: int) -> None:
-        """Every micro-batch of step ``step`` is backpropagated; the gradients are unscaled and not yet
-        clipped; ``optimizer.step()`` comes next."""
-
-    def after_optimizer_step(self, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        """The weights have been updated by step ``step``; the gradients are still there (zeroed next)."""
-
-    def at_validation(self, model: nn.Module, step: int, val_loss: float | None) -> None:
-        """Right after a validation pass (model in eval mode is restored to train mode by the loop)."""
-
-    def state_dict(self) -> dict:
-        """What the hook must remember across ``--from_resume 1`` (tensors, numbers, strings)."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what ``state_dict`` returned."""
 
 
 # ----------------------------------------------------------------------------------------------

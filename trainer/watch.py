@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.train_loop import TrainHook
+from model.train_hook import TrainHook
 
 # Held-out questions from dataset/eval/ per shipped training file: what the data teaches, plus (for
 # the adapters) a general question the SFT model answers, to see whether the adapter keeps it.

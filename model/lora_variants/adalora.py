@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from model.common import TinyMindError
 from model.lora_variants import Variant, adapter_layers, register
-from trainer.train_loop import TrainHook
+from model.train_hook import TrainHook
 
 
 class AdaLoRALayer(nn.Module):

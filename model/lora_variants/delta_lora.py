@@ -30,7 +30,7 @@ from model.common import TinyMindError, safe_load
 from model.lora_variants import Variant, register
 from model.model import save_model, unwrap_model
 from model.model_lora import base_state_dict, lora_modules
-from trainer.train_loop import TrainHook
+from model.train_hook import TrainHook
 
 
 def _trained(model: nn.Module):

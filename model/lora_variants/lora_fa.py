@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from model.lora_variants import Variant, register
 from model.model_lora import LoRALinear, lora_modules
-from trainer.train_loop import TrainHook
+from model.train_hook import TrainHook
 
 EPS = 1e-8   # ridge before each pseudo-inverse (PEFT's delta): B = 0 at the start makes B^T B singular
 

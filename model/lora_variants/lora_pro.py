@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from model.lora_variants import Variant, register
 from model.lora_variants.lora_fa import EPS, math_dtype, pinv_ridge, trained_pairs
-from trainer.train_loop import TrainHook
+from model.train_hook import TrainHook
 
 
 def solve_sylvester_sym(P: torch.Tensor, Q: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
