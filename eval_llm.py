@@ -1,16 +1,17 @@
 """Chat with a TinyMind checkpoint, with or without LoRA adapters.
 
 What this file implements:
-- find the checkpoint ``out/{weight}_{hidden}.pth`` and rebuild the model from the config inside it
-  (no architecture flags needed); load one or several LoRA files ``out/{lora}_{hidden}.pth`` as named
-  adapters, all active together, and optionally merge them into the weights (``--merge``);
+- ``Session``: the checkpoint ``out/{weight}_{hidden}.pth`` rebuilt from the config inside it (no
+  architecture flags needed), with one or several LoRA files ``out/{lora}_{hidden}.pth`` as named
+  adapters, all active together, optionally merged into the weights (``--merge``), loaded by
+  ``model/engine.py::load_chat_model``; and the chat state: history turns, the active adapters;
 - four ways to talk to it: an interactive multi-turn chat (streamed, tokens/s after each reply,
   commands /reset /adapter /help /exit), ``--prompt "..."`` (answer once and exit), prompts piped on
-  stdin (one reply line per input line, for scripts), and ``--mode auto`` (built-in demo prompts);
-- the ChatML prompt for SFT/merged checkpoints, plain continuation for a "pretrain" checkpoint;
-- keeping the prompt inside the context window: the oldest history turns are dropped first;
-- ``prompt_ids`` and ``generate_reply``, the prompt and generation steps on their own, which
-  ``scripts/serve_openai_api.py`` shares so that the API answers exactly as this CLI does.
+  stdin (one reply line per input line, for scripts), and ``--mode auto`` (built-in demo prompts).
+The prompt (ChatML for SFT/merged checkpoints, plain continuation for a "pretrain" checkpoint, the
+oldest history turns dropped first to stay inside the context window) and the generation are
+``model/engine.py::prompt_ids`` and ``model/engine.py::generate_reply``, which
+``scripts/serve_openai_api.py`` uses too, so that the API answers exactly as this CLI does.
 
 Examples (CPU; add --device cuda on a GPU, where the dtype defaults to bf16/fp16):
     python eval_llm.py --weight full_sft                                  # interactive chat
@@ -26,14 +27,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere
 
 import argparse
-import time
 
-import torch
-
-from model.common import TinyMindError, find_checkpoint, repo_path, run_main, setup_device
-from model.model import load_model
-from model.model_lora import load_lora, merge_lora, set_active_adapters
-from model.tokenizer import load_tokenizer
+from model.common import TinyMindError, run_main
+from model.engine import generate_reply, load_chat_model, prompt_ids
+from model.lora_adapters import set_active_adapters
+from tools.cli import add_model_flags, lora_names
 
 CHAT_HELP = """commands:
   /reset            forget the conversation history
@@ -58,19 +56,10 @@ PRETRAIN_PROMPTS = ["熊猫爱吃", "北京最有名的景点是", "长颈鹿的
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Chat with a TinyMind checkpoint (optionally with LoRA adapters).")
-    p.add_argument("--weight", default="full_sft", help="checkpoint name: loads {save_dir}/{weight}_{hidden}.pth")
-    p.add_argument("--lora_weight", default=None,
-                   help="LoRA name(s), comma-separated: loads {save_dir}/{name}_{hidden}.pth, all active together")
+    add_model_flags(p, "weight", "lora_weight", "save_dir", "hidden_size", "tokenizer_path", "device", "dtype")
     p.add_argument("--merge", action="store_true", help="merge the LoRA adapters into the weights before chatting")
-    p.add_argument("--save_dir", default="out", help="folder holding the checkpoints (relative to the repo root)")
-    p.add_argument("--hidden_size", type=int, default=None,
-                   help="picks the file {weight}_{hidden}.pth (default: the only {weight}_*.pth in --save_dir)")
     p.add_argument("--num_hidden_layers", type=int, default=None,
                    help="accepted for MiniMind compatibility; checked against the checkpoint's own config")
-    p.add_argument("--tokenizer_path", default="model/tokenizer.json", help="tokenizer file")
-    p.add_argument("--device", default="auto", help="auto (cuda -> mps -> cpu), cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="weight dtype (auto: bf16/fp16 on a GPU, float32 on CPU)")
     p.add_argument("--mode", default="chat", choices=["chat", "auto"],
                    help="chat: interactive (or one reply per stdin line when stdin is not a terminal); "
                         "auto: answer the built-in demo prompts")
@@ -87,118 +76,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def prompt_ids(tok, messages: list, chat: bool, ctx: int, max_new_tokens: int) -> list:
-    """Token ids of the prompt for ``messages`` (dicts with role/content; an optional system turn first).
-
-    A chat checkpoint gets the ChatML conversation; while prompt + reply would not fit the context of
-    ``ctx`` tokens, the oldest turn (a message and the replies up to the next user message) is dropped;
-    the system turn and the last message always stay. A "pretrain" checkpoint (``chat=False``) continues
-    the last message's text. A prompt that still fills the context is a TinyMindError.
-    """
-    if not chat:  # pretraining documents start with <|im_start|> (bos), so the prompt does too
-        ids = [tok.bos_id] + tok.encode(messages[-1]["content"])
-    else:
-        head = messages[:1] if len(messages) > 1 and messages[0]["role"] == "system" else []
-        history = messages[len(head):-1]
-        last = messages[-1:]
-        while True:
-            ids = tok.encode(tok.apply_chat_template(head + history + last, add_generation_prompt=True))
-            if not history or len(ids) + max_new_tokens <= ctx:
-                break
-            # drop the oldest turn: its first message and everything up to the next user message
-            cut = next((i for i, m in enumerate(history) if i > 0 and m["role"] == "user"), len(history))
-            history = history[cut:]
-    if len(ids) >= ctx:
-        raise TinyMindError(f"the prompt is {len(ids)} tokens but the model's context is {ctx} "
-                            "(max_position_embeddings): shorten it")
-    return ids
-
-
-def generate_reply(model, tok, ids: list, max_new_tokens: int, temperature: float = 0.7, top_p: float = 0.9,
-                   top_k: int = 0, repetition_penalty: float = 1.0, seed=None, on_text=None):
-    """Generate the reply to prompt ``ids``. Returns (reply text, new token ids, seconds).
-
-    ``on_text(piece)`` receives the reply as it grows, one piece per token that completes text; the
-    pieces join to exactly the returned reply. ``seed`` re-seeds torch first (a reproducible reply).
-    """
-    ctx = model.config.max_position_embeddings
-    if seed is not None:
-        torch.manual_seed(seed)
-    new, shown = [], ""
-
-    def on_token(token_ids):  # (B,) = (1,): called once per generated token
-        nonlocal shown
-        new.append(int(token_ids[0]))
-        if on_text is None:
-            return
-        # Decode the whole reply so far and hand on the new suffix: a character whose UTF-8 bytes are
-        # split over several tokens decodes to U+FFFD until its last byte arrives, so wait for it.
-        so_far = tok.decode(new)
-        if so_far.endswith("\ufffd") or not so_far.startswith(shown) or so_far == shown:
-            return
-        on_text(so_far[len(shown):])
-        shown = so_far
-
-    device = next(model.parameters()).device
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ids], dtype=torch.long, device=device),
-            max_new_tokens=min(max_new_tokens, ctx - len(ids)),
-            temperature=temperature, top_k=top_k, top_p=top_p,
-            repetition_penalty=repetition_penalty, eos_token_id=tok.eos_id, streamer=on_token)
-    seconds = time.perf_counter() - t0
-    new_ids = out[0, len(ids):].tolist()
-    reply = tok.decode(new_ids).rstrip("\ufffd")  # a character cut by max_new_tokens is dropped
-    if on_text is not None and reply.startswith(shown) and reply != shown:
-        on_text(reply[len(shown):])  # whatever the last tokens completed
-    return reply, new_ids, seconds
-
-
 class Session:
-    """A loaded model + tokenizer + the chat state (history, active adapters)."""
+    """A model ready to chat (``model/engine.py::ChatModel``) + the chat state: history, active adapters."""
 
     def __init__(self, args):
         self.args = args
-        shown = args.save_dir.rstrip("/") or "."
-        dev = setup_device(args.device, args.dtype, log=False, inference=True)  # a bad flag fails first
-        self.device, dtype = dev.device, dev.dtype
-        path = find_checkpoint(args.save_dir, args.weight, args.hidden_size)
-        # Load in fp32 and cast only after the LoRA files are checked against the base weights and merged.
-        self.model, ckpt = load_model(path, device=self.device)
-        cfg = self.model.config
-        for flag in ("hidden_size", "num_hidden_layers"):
-            value = getattr(args, flag)
-            if value and value != getattr(cfg, flag):
-                raise TinyMindError(f"--{flag} {value} does not match {path.name} ({flag}={getattr(cfg, flag)}); "
-                                    "the checkpoint carries its own config, the flag can be left out")
-        self.tok = load_tokenizer(repo_path(args.tokenizer_path))
-        if len(self.tok) > cfg.vocab_size:
-            raise TinyMindError(f"{args.tokenizer_path} has {len(self.tok)} tokens but {path.name} only "
-                                f"{cfg.vocab_size}: not the tokenizer this model was trained with")
-        # "pretrain" checkpoints never saw the chat template: they continue text instead.
-        stage = ckpt.get("stage") or ("pretrain" if args.weight.startswith("pretrain") else "sft")
-        self.chat = stage != "pretrain"
-        self.ctx = cfg.max_position_embeddings
-        self.adapters = self.adapter_names(repo_path(args.save_dir))
-        for name in self.adapters:
-            lora_path = find_checkpoint(args.save_dir, name, cfg.hidden_size, what="LoRA file")
-            load_lora(self.model, lora_path, adapter_name=name)
-        if self.adapters:
-            set_active_adapters(self.model, self.adapters)
-        self.active, self.merged = list(self.adapters), args.merge
-        if self.merged:
-            merge_lora(self.model)
-        self.model.to(dtype).eval()
+        # Loaded in fp32 and cast to --dtype only after the LoRA files are checked and merged (docs/05 section 4).
+        self.lm = load_chat_model(args.save_dir, args.weight, lora_names(args.lora_weight),
+                                  hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                                  tokenizer_path=args.tokenizer_path, device=args.device, dtype=args.dtype,
+                                  merge=args.merge)
+        self.model, self.tok = self.lm.model, self.lm.tok
+        self.active = list(self.lm.adapters)
         self.history = []  # [(user, assistant), ...], oldest first
-        lora = f", LoRA {','.join(self.adapters)}{' (merged)' if self.merged else ''}" if self.adapters else ""
-        print(f"loaded {shown}/{path.name}: stage {stage}, {self.model.num_parameters() / 1e6:.2f}M params, "
-              f"hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {self.device} {str(dtype)[6:]}{lora}",
-              file=sys.stderr)
-
-    def adapter_names(self, save_dir: Path) -> list:
-        """The LoRA names to load (--lora_weight); called with the base model loaded, still in fp32."""
-        return [n.strip() for n in (self.args.lora_weight or "").split(",") if n.strip()]
+        print(self.lm.describe(args.save_dir), file=sys.stderr)
 
     def prompt_ids(self, text: str) -> list:
         """Token ids of the prompt: the system prompt, the kept history turns and ``text``."""
@@ -207,7 +98,7 @@ class Session:
         for user, assistant in turns:
             msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         msgs.append({"role": "user", "content": text})
-        return prompt_ids(self.tok, msgs, self.chat, self.ctx, self.args.max_new_tokens)
+        return prompt_ids(self.tok, msgs, self.lm.chat, self.lm.ctx, self.args.max_new_tokens)
 
     def answer(self, text: str, stream=None):
         """Generate one reply; print it to `stream` as it grows. Returns (reply, new tokens, seconds)."""
@@ -226,9 +117,9 @@ class Session:
 
     def switch_adapter(self, arg: str) -> str:
         """/adapter: show, or choose which loaded adapters run ("off" = the base model alone)."""
-        if arg and not self.adapters:
+        if arg and not self.lm.adapters:
             return "no LoRA adapter loaded (start with --lora_weight NAME)"
-        if arg and self.merged:
+        if arg and self.lm.merged:
             return "the adapters are merged into the weights (--merge): restart without --merge to switch"
         if arg:
             names = [] if arg == "off" else list(dict.fromkeys(n.strip() for n in arg.split(",") if n.strip()))
@@ -238,7 +129,7 @@ class Session:
                 return str(e)
             self.active = names
         active = ", ".join(self.active) or "none (base model)"
-        return f"loaded adapters: {', '.join(self.adapters) or 'none'}; active: {active}"
+        return f"loaded adapters: {', '.join(self.lm.adapters) or 'none'}; active: {active}"
 
 
 def speed(n: int, seconds: float) -> str:
@@ -257,7 +148,7 @@ def reply_to(session, text: str) -> str:
 
 def chat_loop(session) -> None:
     """Interactive chat: input() per turn; commands start with '/'; Ctrl-D quits (Ctrl-C: see main)."""
-    kind = f"history {session.args.history} turns" if session.chat else "pretrain checkpoint: plain continuation"
+    kind = f"history {session.args.history} turns" if session.lm.chat else "pretrain checkpoint: plain continuation"
     try:
         import readline  # noqa: F401  (line editing and arrow keys in input(), where available)
     except ImportError:
@@ -283,7 +174,7 @@ def chat_loop(session) -> None:
             else:
                 try:
                     reply = reply_to(session, line)
-                    if session.chat and session.args.history > 0:
+                    if session.lm.chat and session.args.history > 0:
                         session.history = (session.history + [(line, reply)])[-session.args.history:]
                 except TinyMindError as e:  # e.g. a prompt longer than the context: say so, keep chatting
                     print(f"\nerror: {e}")
@@ -304,7 +195,7 @@ def main(argv=None):
             print("" if args.stream else reply, flush=True)
             print(speed(n, seconds), file=sys.stderr)
         elif args.mode == "auto":
-            for text in DEMO_PROMPTS if session.chat else PRETRAIN_PROMPTS:
+            for text in DEMO_PROMPTS if session.lm.chat else PRETRAIN_PROMPTS:
                 print(f"User: {text}")
                 reply_to(session, text)
                 print()

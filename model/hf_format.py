@@ -13,7 +13,6 @@ What this file implements:
 - ``export_peft`` / ``read_peft``: a LoRA as a PEFT adapter folder (``adapter_config.json`` +
   ``adapter_model.safetensors``). ``PEFT_VARIANTS`` maps the variant named in a TinyMind LoRA file to
   PEFT's settings; a variant without an entry is refused by name.
-- ``check_weights``: a state dict has exactly the names and shapes the config implies.
 - ``compact_targets``: the shortest ``targets`` string (suffixes, else full names) selecting given layers.
 
 Parameter names are the same on both sides (Llama's), so a state dict maps one to one; the only
@@ -30,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.common import TinyMindError, atomic_write, atomic_write_text, safe_load
-from model.model import TinyMindConfig, TinyMindForCausalLM
+from model.model import TinyMindConfig, check_state_dict, expected_shapes
 from model.model_lora import find_targets, is_embedding
 from model.tokenizer import BOS_TOKEN, CHAT_TEMPLATE_JINJA, EOS_TOKEN, PAD_TOKEN, load_tokenizer
 
@@ -148,21 +147,6 @@ def config_from_hf(d: dict, where) -> TinyMindConfig:
 
 # ----------------------------------------------------------------------------- weights
 
-def check_weights(state: dict, cfg: TinyMindConfig, where) -> None:
-    """Exactly the tensors a TinyMind model of ``cfg`` has, with its shapes; else one line naming them."""
-    with torch.device("meta"):   # names and shapes only
-        expected = {k: tuple(v.shape) for k, v in TinyMindForCausalLM(cfg).state_dict().items()}
-    for label, keys in (("missing", sorted(set(expected) - set(state))),
-                        ("unknown", sorted(set(state) - set(expected)))):
-        if keys:
-            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-            raise TinyMindError(f"{where}: {len(keys)} {label} tensor(s): {', '.join(keys[:3])}{more}")
-    for k, shape in expected.items():
-        if not torch.is_tensor(state[k]) or tuple(state[k].shape) != shape:
-            got = tuple(state[k].shape) if torch.is_tensor(state[k]) else type(state[k]).__name__
-            raise TinyMindError(f"{where}: {k} has shape {got}, the config needs {shape}")
-
-
 def tie_lm_head(state: dict, cfg: TinyMindConfig, where) -> dict:
     """Files of tied models may leave ``lm_head.weight`` out (transformers does): it is the embedding."""
     emb = state.get("model.embed_tokens.weight")
@@ -238,7 +222,7 @@ def read_hf(folder: Path) -> tuple[TinyMindConfig, dict]:
         raise TinyMindError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin "
                             f"(it holds {have})")
     state = tie_lm_head(state, cfg, folder)
-    check_weights(state, cfg, folder)
+    check_state_dict(state, expected_shapes(cfg), folder)
     return cfg, to_float32(state)
 
 

@@ -21,17 +21,10 @@ from pathlib import Path
 import torch
 
 from model.common import TinyMindError, safe_load
-from model.hf_format import check_weights, tie_lm_head, to_float32
-from model.model import TinyMindConfig
+from model.hf_format import tie_lm_head, to_float32
+from model.model import TinyMindConfig, check_state_dict, clean_key, expected_shapes
 
 LORA_A, LORA_B = ".lora.A.weight", ".lora.B.weight"
-
-
-def _clean(key: str) -> str:
-    key = key.replace("_orig_mod.", "")
-    while key.startswith("module."):
-        key = key[len("module."):]
-    return key
 
 
 def read_minimind(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
@@ -39,7 +32,7 @@ def read_minimind(path: Path) -> tuple[str, dict[str, torch.Tensor]]:
     obj = safe_load(path, "MiniMind weight file")
     if "format" in obj:
         raise TinyMindError(f"{path} is already a TinyMind file (format {obj['format']!r}); no conversion needed")
-    state = {_clean(k): v for k, v in obj.items()}
+    state = {clean_key(k): v for k, v in obj.items()}
     not_tensor = [k for k, v in state.items() if not torch.is_tensor(v)]
     if not_tensor:
         raise TinyMindError(f"{path}: {not_tensor[0]!r} is not a tensor; expected a bare MiniMind state dict")
@@ -79,7 +72,7 @@ def minimind_state(state: dict, cfg: TinyMindConfig, where) -> dict:
         raise TinyMindError(f"{where} is a MiniMind MoE model ({moe[0]}); TinyMind has no mixture-of-experts layers")
     state = tie_lm_head(state, cfg, where)
     try:
-        check_weights(state, cfg, where)
+        check_state_dict(state, expected_shapes(cfg), where)
     except TinyMindError as e:
         raise TinyMindError(f"{e} -- the file looks like: {describe(state)}; check --preset and the flags") from None
     return to_float32(state)

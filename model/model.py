@@ -1,4 +1,5 @@
-"""TinyMind: a Llama-style decoder-only language model in one file (plain PyTorch).
+"""TinyMind: the Llama-style decoder-only language model itself (plain PyTorch); LoRA, the weight
+format converters and the generation engine for users live in files beside this one in model/.
 
 What this file implements, top to bottom:
 - ``TinyMindConfig``: the architecture as a dataclass (every field has a documented default);
@@ -10,9 +11,11 @@ What this file implements, top to bottom:
   pre-norm ``Block``, ``TinyMindModel`` (the stack) and ``TinyMindForCausalLM`` (+ tied LM head, loss).
 - ``KVCache``: keys/values preallocated once per ``generate`` call and written in place.
 - ``TinyMindForCausalLM.generate``: greedy / temperature / top-k / top-p sampling, repetition
-  penalty, per-row EOS stop, batched left-padded prompts, a streamer callback.
+  penalty, per-row EOS stop, batched left-padded prompts, a streamer callback; the plain definition
+  (model/engine.py plugs a faster one-token step into it for chat, evaluation and serving).
 - ``save_model`` / ``load_model``: one self-describing checkpoint file (config + weights), written
-  atomically and read with ``weights_only=True``; ``state_fingerprint``; ``unwrap_model``.
+  atomically and read with ``weights_only=True``; ``state_fingerprint``; ``unwrap_model``;
+  ``check_state_dict`` (the one check of a state dict's names and shapes) and ``clean_key``.
 
 Parameter names are Llama's (``model.layers.0.self_attn.q_proj.weight`` ...), so a TinyMind state
 dict loads into ``transformers.LlamaForCausalLM`` with ``strict=True`` and gives the same logits.
@@ -332,7 +335,7 @@ class TinyMindForCausalLM(nn.Module):
     def generate(self, input_ids, max_new_tokens: int = 256, temperature: float = 0.85, top_k: int | None = None,
                  top_p: float | None = 0.85, repetition_penalty: float = 1.0, eos_token_id: int | None = 2,
                  attention_mask=None, streamer: Callable | None = None, use_cache: bool = True,
-                 pad_token_id: int = 0):
+                 pad_token_id: int = 0, one_token_step: Callable | None = None):
         """Continue (B, T) prompts; returns (B, T + generated) with the prompts first.
 
         temperature <= 0 is greedy; top_k / top_p (None or 0 / 1.0 = off) filter before sampling.
@@ -340,6 +343,9 @@ class TinyMindForCausalLM(nn.Module):
         emits pad_token_id; the loop ends when every row has stopped, after max_new_tokens, or when the
         sequence reaches max_position_embeddings. streamer(tokens (B,)) is called after each step.
         use_cache=False recomputes the whole sequence at each step (slow; the reference for tests).
+        one_token_step(ids (B, 1), cache, pos) -> logits (B, V): what runs instead of this model's forward
+        for each token after the prompt, where there is a cache and no padding mask (model/engine.py
+        plugs in its fast path, which computes the same function); None: the forward below.
         """
         B, T = input_ids.shape
         ctx = self.config.max_position_embeddings
@@ -356,15 +362,11 @@ class TinyMindForCausalLM(nn.Module):
         seq = input_ids.new_full((B, T + max_new), pad_token_id)   # prompt + every token we will write
         seq[:, :T] = input_ids
         mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):   # all ones: plain fast path
+        if attention_mask is not None and not bool(attention_mask.all()):   # all ones: no mask at all
             mask = torch.ones_like(seq)
             mask[:, :T] = attention_mask
         cache = KVCache(self.config.num_hidden_layers, T + max_new) if use_cache else None
-        # One token at a time after the prompt: model/fast_decode.py computes the same forward with fused,
-        # re-laid-out weight copies and fewer small ops (where it applies: no padding mask, no live LoRA).
-        from model.fast_decode import decode_step, decode_weights, fast_decode_supported   # it imports this file
-        fast = use_cache and mask is None and fast_decode_supported(self)
-        weights = decode_weights(self) if fast else None
+        step_fn = one_token_step if use_cache and mask is None else None   # it knows no padding mask
         finished = torch.zeros(B, dtype=torch.bool, device=seq.device)
         n = T                                                 # filled length of seq
         logits = self(seq[:, :T], attention_mask=None if mask is None else mask[:, :T],
@@ -381,8 +383,8 @@ class TinyMindForCausalLM(nn.Module):
             if step == max_new - 1 or (eos_token_id is not None and bool(finished.all())):
                 break
             m = None if mask is None else mask[:, :n]
-            if fast:
-                logits = decode_step(self, weights, seq[:, n - 1:n], cache, n - 1)      # (B, V)
+            if step_fn is not None:
+                logits = step_fn(seq[:, n - 1:n], cache, n - 1)                          # (B, V)
             elif use_cache:   # feed only the new token; its keys go to cache position n - 1
                 logits = self(seq[:, n - 1:n], attention_mask=m, kv_cache=cache, start_pos=n - 1,
                               logits_to_keep=1).logits[:, -1]
@@ -428,7 +430,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _clean_key(key: str) -> str:
+def clean_key(key: str) -> str:
     """Drop wrapper prefixes: "module." (DDP) and "_orig_mod." (torch.compile, also on submodules)."""
     key = key.replace("_orig_mod.", "")
     while key.startswith("module."):
@@ -436,27 +438,33 @@ def _clean_key(key: str) -> str:
     return key
 
 
-def _expected_shapes(cfg: TinyMindConfig) -> dict[str, tuple]:
+def expected_shapes(cfg: TinyMindConfig) -> dict[str, tuple]:
+    """Name -> shape of every tensor a model of ``cfg`` holds."""
     with torch.device("meta"):   # names and shapes only: no memory, no init cost
         return {k: tuple(v.shape) for k, v in TinyMindForCausalLM(cfg).state_dict().items()}
 
 
-def _check_state(state: dict, expected: dict[str, tuple], where: str):
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(getattr(state[k], 'shape', ()))} != {expected[k]}" for k in expected
-             if k in state and (not torch.is_tensor(state[k]) or tuple(state[k].shape) != expected[k])]
-    if missing or unexpected or wrong:
-        raise TinyMindError(f"{where}: weights do not match the config (missing {missing[:4]}, "
-                            f"unexpected {unexpected[:4]}, wrong shape {wrong[:4]})")
+def check_state_dict(state: dict, expected: dict[str, tuple], where, what: str = "tensor(s)", hint: str = ""):
+    """``state`` holds exactly the keys of ``expected`` (name -> shape), each a tensor of that shape; else one
+    line naming the first problem: missing keys, unknown keys, or a wrong shape (followed by ``hint``).
+    The one check for model checkpoints, imported weights (model/hf_format.py) and LoRA files."""
+    for label, keys in (("missing", sorted(set(expected) - set(state))),
+                        ("unknown", sorted(set(state) - set(expected)))):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            raise TinyMindError(f"{where}: {len(keys)} {label} {what}: {', '.join(keys[:3])}{more}")
+    for key, shape in expected.items():
+        if not torch.is_tensor(state[key]) or tuple(state[key].shape) != shape:
+            got = tuple(state[key].shape) if torch.is_tensor(state[key]) else type(state[key]).__name__
+            raise TinyMindError(f"{where}: {key} has shape {got}, expected {shape}{hint}")
 
 
 def save_model(model: nn.Module, path, state_dict: dict | None = None, **extra) -> Path:
     """Write config + weights to one file atomically; ``extra`` (stage=..., weight=...) is stored beside them.
     ``state_dict`` replaces the model's own (e.g. a LoRA-merged base state dict with plain names)."""
     model = unwrap_model(model)
-    state = {_clean_key(k): v for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
-    _check_state(state, _expected_shapes(model.config), f"save_model({path})")
+    state = {clean_key(k): v for k, v in (state_dict if state_dict is not None else model.state_dict()).items()}
+    check_state_dict(state, expected_shapes(model.config), f"save_model({path}): weights do not match the config")
     clash = {"format", "config", "model"} & set(extra)
     if clash:
         raise TinyMindError(f"save_model: extra keys {sorted(clash)} are reserved")
@@ -478,8 +486,8 @@ def load_model(path, device="cpu", dtype=None) -> tuple[TinyMindForCausalLM, dic
         cfg = TinyMindConfig.from_dict(ckpt["config"])
     except (TinyMindError, TypeError) as e:
         raise TinyMindError(f"{path}: bad config: {e}") from None
-    state = {_clean_key(k): v for k, v in ckpt["model"].items()}
-    _check_state(state, _expected_shapes(cfg), str(path))
+    state = {clean_key(k): v for k, v in ckpt["model"].items()}
+    check_state_dict(state, expected_shapes(cfg), f"{path}: weights do not match the config")
     model = TinyMindForCausalLM(cfg)
     model.load_state_dict(state, strict=True)
     if isinstance(dtype, str):
@@ -491,10 +499,10 @@ def state_fingerprint(state_dict: dict) -> str:
     """16 hex digits identifying a set of weights: names, shapes and values rounded to bfloat16
     (so an fp32 model and its bf16 copy agree; an fp16 copy does not)."""
     h = hashlib.sha256()
-    for k in sorted(state_dict, key=_clean_key):
+    for k in sorted(state_dict, key=clean_key):
         t = state_dict[k]
         if not torch.is_tensor(t):
             continue
-        h.update(f"{_clean_key(k)}:{tuple(t.shape)};".encode())
+        h.update(f"{clean_key(k)}:{tuple(t.shape)};".encode())
         h.update(t.detach().to("cpu", torch.bfloat16).reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]

@@ -8,40 +8,41 @@ A frozen linear layer y = W x (W: [out, in]) learns a low-rank update instead of
 B starts at zero, so the wrapped model starts out computing exactly what the base model computed.
 Only A and B (r * (in + out) numbers per layer) are trained; W is never touched.
 
-What this file implements:
-- ``LoRAConfig``: rank, alpha, targets, dropout, rsLoRA and the init of A (a dataclass, saved in every LoRA file).
+What this file implements, top to bottom:
+- ``LoRAConfig``: rank, alpha, targets, dropout, rsLoRA and the init of A (saved in every LoRA file).
 - ``LoRALinear``: an explicit wrapper module around an ``nn.Linear`` (no patched ``forward``) holding any
   number of named adapters; ``merge()`` / ``unmerge()`` fold the active ones into W (in fp32, idempotent).
-- ``LoRAEmbedding``: the same update on the token embedding (target ``embed_tokens``): every token gets
-  r trainable numbers of its own, which is what new knowledge keyed on a word needs.
-- ``apply_lora``: wrap the target layers (suffix list, ``all-linear`` or ``re:<regex>``), freeze the rest.
-- ``save_lora`` / ``load_lora``: self-describing adapter files, checked against the base model on load.
+- ``LoRAEmbedding``: the same update on the token embedding (target ``embed_tokens``).
+- ``VARIANTS``: where the variants in ``model/lora_variants/`` plug in; plain LoRA needs none of them.
+- ``apply_lora``: wrap the target layers with a new adapter, freeze everything else.
 - ``merge_lora`` / ``unmerge_lora`` / ``base_state_dict``: fold adapters in (no extra inference cost) and
   get the weights back under the plain model's names, so a merged model needs no LoRA code at all.
-- ``set_active_adapters`` / ``disable_adapters`` / ``combine_adapters``: several adapters in one model.
+- ``save_lora`` / ``load_lora``: self-describing adapter files, checked against the base model on load.
 
-The variants (DoRA, VeRA, PiSSA, QLoRA, ...) live beside this file in ``model/lora_variants/``; the only
-trace of them here is ``LoRAConfig.variant``/``options`` and ``LoRALinear.variants``: a variant whose
-layer computes its branch differently puts a module there, and ``forward``/``delta_weight`` defer to it.
+Beside it: ``lora_fused.py`` (``LoRALinear.forward``'s loop with cheaper products, the same function),
+``lora_targets.py`` (which layers ``targets`` selects), ``lora_file.py`` (what a LoRA file holds, the
+checks on load), ``lora_adapters.py`` (several adapters in one model: switch, disable, combine).
 """
 from __future__ import annotations
 
 import math
 import re
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model.common import TinyMindError, atomic_save, repo_path, safe_load
-from model.model import state_fingerprint, unwrap_model
+from model.common import TinyMindError, atomic_save, repo_path
+from model.lora_file import (check_base_config, check_base_weights, check_companions, layer_tensors, lora_file,
+                             read_lora_file)
+from model.lora_fused import fused_applies, fused_lora
+from model.lora_targets import select_targets
+from model.model import check_state_dict, state_fingerprint, unwrap_model
 
-LORA_FORMAT = "tinymind-lora"
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-RUNTIME_ONLY_KEYS = ("dropout", "flash_attn")   # base-config keys that do not change the weights: not compared
 NAME_RE = r"[A-Za-z_][A-Za-z0-9_]*"             # adapter names become attribute names inside ParameterDict
 
 
@@ -80,59 +81,6 @@ class LoRAConfig:
         return cls(**d)
 
 
-class FusedLoRA(torch.autograd.Function):
-    """y = x W^T + s (x A^T) B^T for a frozen W, computed as y = x (W + s B A)^T, with the backward written out.
-
-    ``LoRALinear.forward``'s loop is the readable definition; this is the same function (to float
-    rounding) with fewer and cheaper products, used where ``LoRALinear.fused_applies`` allows. Why:
-    the loop's thin products (x A^T, z B^T, the add, and four more in the backward) each stream a whole
-    (rows, in) or (rows, out) activation through memory for very little arithmetic, and autograd lays
-    two of them out in the form a CPU's BLAS runs slowest; on a CPU they ate much of what a frozen W
-    saves (scripts/bench.py, ``lora_step`` and ``unmerged_forward``, times both ways). Here:
-
-        forward   W' = W + s B A          (out, in): one small product, cheaper than z B^T plus the add
-                  y  = x W'^T             the base's product, with the update inside
-                  z  = x A^T              (rows, r), kept (as z^T) for dB
-        backward  dz = s dy B             (rows, r)
-                  dB = s dy^T z           (out, r)
-                  dA = dz^T x             (r, in)
-                  dx = dy W + dz A        no dW: W is frozen (LoRA's saving)
-
-    These are the chain rule for y = x W^T + s z B^T, z = x A^T: what autograd derives from the loop.
-    tests/test_lora.py checks outputs and every gradient against the loop, and gradcheck in fp64.
-    """
-
-    @staticmethod
-    def forward(ctx, x, W, A, B, s: float):
-        y = F.linear(x, torch.addmm(W, B, A, alpha=s))                    # (..., out)
-        zt = A @ x.reshape(-1, W.shape[1]).t()                             # z^T = A x^T: (r, rows), for dB
-        ctx.save_for_backward(x, W, A, B, zt)
-        ctx.s = s
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, W, A, B, zt = ctx.saved_tensors
-        s, (need_x, _, need_A, need_B, _) = ctx.s, ctx.needs_input_grad
-        dy2 = dy.reshape(-1, W.shape[0])                                   # (rows, out)
-        # Each product is written so that BLAS streams the long (rows) side contiguously:
-        # (B^T dy^T)^T rather than dy B, (z^T dy)^T rather than dy^T z (2-5x faster on a CPU).
-        dz = (B.t() @ dy2.t()).t() * s                                     # (rows, r)
-        dA = dz.t() @ x.reshape(-1, W.shape[1]) if need_A else None        # (r, in)
-        dB = (zt @ dy2).t() * s if need_B else None                        # (out, r)
-        dx = None
-        if need_x:
-            dx = (dy2 @ W).addmm_(dz, A).view(*dy.shape[:-1], W.shape[1])  # dy W + dz A: (..., in)
-        return dx, None, dA, dB, None
-
-
-def fused_lora(x, W, A, B, s: float) -> torch.Tensor:
-    """``FusedLoRA`` where a gradient is wanted; without one (evaluation), just x (W + s B A)^T."""
-    if torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad):
-        return FusedLoRA.apply(x, W, A, B, s)
-    return F.linear(x, torch.addmm(W, B, A, alpha=s))
-
-
 class LoRALinear(nn.Module):
     """y = base(x) + sum over active adapters of scaling * B(A(dropout(x))); ``base`` stays frozen."""
 
@@ -168,8 +116,7 @@ class LoRALinear(nn.Module):
         return A, torch.zeros(self.out_features, cfg.rank, device=w.device, dtype=w.dtype)
 
     def add_adapter(self, name: str, cfg: LoRAConfig, scaling: float | None = None):
-        from model.lora_variants import variant_layer   # the registry imports this file: import it late
-        layer_cls = variant_layer(cfg.variant)
+        layer_cls = variant_hooks(cfg.variant).layer
         if layer_cls is not None:   # the variant builds its own tensors (and maybe A and B: uses_ab)
             self.variants[name] = layer_cls(self, cfg).train(self.training)
         A, B = self.init_pair(cfg)
@@ -182,7 +129,7 @@ class LoRALinear(nn.Module):
         self.configs[name] = cfg
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in) -> (..., out)
-        if self.fused and self.fused_applies(x):    # same function, fewer and cheaper products (see below)
+        if fused_applies(self, x):    # the same function with fewer, cheaper products: model/lora_fused.py
             name = self.active[0]
             return fused_lora(x, self.base.weight, self.lora_A[name], self.lora_B[name], self.scaling[name])
         y = self.base(x)
@@ -196,30 +143,9 @@ class LoRALinear(nn.Module):
             A, B = self.lora_A[name], self.lora_B[name]
             h = self.lora_dropout[name](x).to(A.dtype)             # (..., in)
             z = F.linear(h, A) * self.scaling[name]                 # (..., r): scale the small tensor, not the output
-            # z @ B^T = F.linear(z, B); FusedLoRA (above) computes the common case with cheaper products
+            # z @ B^T = F.linear(z, B); model/lora_fused.py computes the common case with cheaper products
             y = y + (z @ B.t()).to(y.dtype)                         # (..., out)
         return y
-
-    # False: always the plain loop above (tests compare the two; bench times both)
-    fused: bool = True
-
-    def fused_applies(self, x: torch.Tensor) -> bool:
-        """Where ``FusedLoRA`` computes exactly what the loop in ``forward`` computes, and is cheaper.
-
-        One plain adapter (no variant module, no dropout at work) on an unmerged, frozen nn.Linear, all in
-        fp32 or fp64 without autocast (in bf16, W + s B A would round small updates away), and enough rows
-        that forming W + s B A (reads and writes in * out numbers) costs less than the branch's thin
-        products on x and y (about rows * (in + out)): a training batch or a prompt, not one decoded token.
-        """
-        if self.merged or len(self.active) != 1 or self.variants or type(self.base) is not nn.Linear:
-            return False
-        name, w = self.active[0], self.base.weight
-        A = self.lora_A[name]
-        rows = x.numel() // self.in_features
-        return (self.base.bias is None and not w.requires_grad and w.dtype in (torch.float32, torch.float64)
-                and x.dtype == w.dtype == A.dtype and not torch.is_autocast_enabled(x.device.type)
-                and not (self.training and isinstance(self.lora_dropout[name], nn.Dropout))
-                and rows * (self.in_features + self.out_features) >= self.in_features * self.out_features)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """The update this adapter adds to W, in fp32: s * B @ A, shape [out, in]."""
@@ -250,12 +176,6 @@ class LoRALinear(nn.Module):
         w.copy_((w.float() - delta).to(w.dtype))
         self.merged_adapters = ()
 
-    def lora_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B', A') in fp32 with B' @ A' = delta_weight(name): how ``combine_adapters`` concatenates ranks."""
-        if name in self.variants:
-            return self.variants[name].lora_pair(self, name)
-        return self.scaling[name] * self.lora_B[name].detach().float(), self.lora_A[name].detach().float()
-
     def extra_repr(self) -> str:
         ranks = {n: c.rank for n, c in self.configs.items()}
         return f"ranks={ranks}, active={self.active}, merged={self.merged}"
@@ -270,23 +190,19 @@ class LoRAEmbedding(LoRALinear):
         E'[i] = E[i] + s * B @ A[:, i]          A: [r, vocab], B: [dim, r]
 
     and ``A x`` is column ``i`` of A: a lookup too (``F.embedding(ids, A^T)``), never a vocab-sized product.
-    Every token owns r numbers (its column of A) and all tokens share B. That is what a frozen model
-    lacks when new knowledge hangs on a word: the 62 condition names of the medical data are single tokens
-    whose frozen rows the pretraining gave no reason to tell apart; their columns of A can.
+    Every token owns r numbers (its column of A), all tokens share B: what new knowledge keyed on a word needs.
 
-    As in PEFT, A starts at zero (the update starts at zero) and B is random; PEFT draws B from N(0, 1),
-    made for embeddings of unit scale, while TinyMind's rows have std ~0.1, so B is drawn at the
-    embedding's own std (one step of A moves a row by a fraction of its length, not several times it).
-    Only the lookup changes: a tied LM head keeps reading the frozen E (``merge`` unties them).
-    Plain LoRA (and LoRA+, which only changes the optimizer) only: the variants adapt linear layers.
+    As in PEFT, A starts at zero and B is random, but at the embedding's own std (~0.1), not N(0, 1): one
+    step of A moves a row by a fraction of its length. A tied LM head keeps reading the frozen E (``merge``
+    unties them). Only variants with ``supports_embedding`` adapt it (plain LoRA, LoRA+).
     """
-    VARIANTS = ("lora", "lora_plus")
 
-    @classmethod
-    def check_variant(cls, cfg: LoRAConfig):
-        if cfg.variant not in cls.VARIANTS:
+    @staticmethod
+    def check_variant(cfg: LoRAConfig):
+        if not variant_hooks(cfg.variant).supports_embedding:
+            allowed = [n for n, v in VARIANTS.items() if v.supports_embedding]
             raise TinyMindError(f"LoRA variant {cfg.variant!r} adapts linear layers only; drop embed_tokens from "
-                                f"the targets (embedding adapters: {', '.join(cls.VARIANTS)})")
+                                f"the targets (embedding adapters: {', '.join(allowed)})")
 
     @staticmethod
     def sizes(base: nn.Module) -> tuple[int, int]:
@@ -334,6 +250,20 @@ class LoRAEmbedding(LoRALinear):
         self.merged_adapters = ()
 
 
+# ----------------------------------------------------------------------------- variants: how they plug in
+
+# name -> hooks; importing model/lora_variants registers its variants here (its ``Variant`` documents the four
+# hooks this file calls: layer, supports_embedding, setup, export). Plain LoRA works with none registered.
+VARIANTS: dict = {"lora": SimpleNamespace(name="lora", layer=None, supports_embedding=True, setup=None, export=None)}
+
+
+def variant_hooks(name: str):
+    if name not in VARIANTS:
+        hint = " (importing model.lora_variants registers the variants)" if len(VARIANTS) == 1 else ""
+        raise TinyMindError(f"unknown LoRA variant {name!r}; choose one of {', '.join(VARIANTS)}{hint}")
+    return VARIANTS[name]
+
+
 # ----------------------------------------------------------------------------- finding and wrapping layers
 
 def is_embedding(module: nn.Module) -> bool:
@@ -348,49 +278,16 @@ def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 
 def adapter_names(model: nn.Module, active_only: bool = False) -> tuple[str, ...]:
     """Names of the loaded (or only the active) adapters, in the order they were added."""
-    names: dict[str, None] = {}
-    for _, m in lora_modules(model):
-        names.update(dict.fromkeys(m.active if active_only else m.configs))
-    return tuple(names)
+    return tuple(dict.fromkeys(n for _, m in lora_modules(model) for n in (m.active if active_only else m.configs)))
 
 
 def find_targets(model: nn.Module, targets: str) -> list[str]:
-    """Module names ``targets`` selects; a suffix or regex that matches nothing is an error.
-
-    Candidates are the linear layers (or existing wrappers) except anything sharing an embedding's weight
-    (the tied lm_head) and ``lm_head`` itself: the vocabulary projection is never adapted. The token
-    embedding is a candidate too, but only when named in the list (``embed_tokens``), never by ``all-linear``
-    or a regex.
-    """
+    """Module names ``targets`` selects (which layers can be selected, and how: model/lora_targets.py)."""
     core = unwrap_model(model)
-    tied = {id(m.weight) for m in core.modules() if isinstance(m, nn.Embedding)}
-    wrapped = {n for n, _ in lora_modules(core)}
-    cands = [n for n, m in core.named_modules() if n in wrapped or (
-        isinstance(m, (nn.Linear, nn.Embedding)) and n.rpartition(".")[0] not in wrapped and n != "lm_head"
-        and (isinstance(m, nn.Embedding) or id(m.weight) not in tied))]
-    linear = [n for n in cands if not is_embedding(core.get_submodule(n))]
-    if targets == "all-linear":
-        return linear
-    if targets.startswith("re:"):
-        try:
-            pattern = re.compile(targets[3:])
-        except re.error as e:
-            raise TinyMindError(f"LoRA targets {targets!r}: bad regex ({e})") from None
-        names = [n for n in linear if pattern.fullmatch(n)]
-        if not names:
-            raise TinyMindError(f"LoRA targets {targets!r} match no layer (names look like {cands[:2]})")
-        return names
-    names = []
-    for suffix in [t.strip() for t in targets.split(",") if t.strip()]:
-        hits = [n for n in cands if n == suffix or n.endswith("." + suffix)]
-        if not hits:
-            known = sorted({n.rpartition(".")[2] for n in cands})
-            raise TinyMindError(f"LoRA target {suffix!r} matches no layer; known: {', '.join(known)}")
-        names += [n for n in hits if n not in names]
-    return names
+    return select_targets(core, targets, {n for n, _ in lora_modules(core)}, is_embedding)
 
 
-def _require(model: nn.Module, what: str, names=()):
+def require_adapters(model: nn.Module, what: str, names=()):
     """Every name in ``names`` is a loaded adapter, and nothing is merged (else ``what`` is refused)."""
     loaded = adapter_names(model)
     for n in names:
@@ -400,28 +297,19 @@ def _require(model: nn.Module, what: str, names=()):
         raise TinyMindError(f"cannot {what} while adapters are merged into the weights; call unmerge_lora(model) first")
 
 
-def _set_active(model: nn.Module, names: tuple[str, ...]):
-    for _, m in lora_modules(model):
-        m.active = tuple(n for n in names if n in m.configs)
-
-
 def apply_lora(model: nn.Module, cfg: LoRAConfig | None = None, adapter_name: str = "default", **cfg_overrides) -> dict:
-    """Wrap the target layers with a new adapter ``adapter_name`` and freeze everything else.
-
-    ``cfg_overrides`` (rank=, alpha=, targets=, ...) replace fields of ``cfg``; ``None`` values are ignored, so
-    a script can pass its flags straight through. The new adapter joins the active ones and is the only
-    trainable tensor in the model. Call it before wrapping the model in DDP or torch.compile.
-    Returns ``dict(wrapped=[module names], trainable=int, total=int)``.
-    """
+    """Wrap the target layers with a new adapter ``adapter_name``, the only trainable tensor in the model;
+    return ``dict(wrapped=[module names], trainable=int, total=int)``. ``cfg_overrides`` (rank=, alpha=, ...)
+    replace fields of ``cfg``; ``None`` values are ignored, so a script can pass its flags straight through.
+    Call it before wrapping the model in DDP or torch.compile."""
     bad = set(cfg_overrides) - {f.name for f in fields(LoRAConfig)}
     if bad:
         raise TinyMindError(f"unknown LoRA option(s): {', '.join(sorted(bad))}")
     cfg = replace(cfg or LoRAConfig(), **{k: v for k, v in cfg_overrides.items() if v is not None})
     if not re.fullmatch(NAME_RE, adapter_name) or adapter_name in adapter_names(model):
         raise TinyMindError(f"adapter name {adapter_name!r} is already loaded or not a valid name (letters, digits, _)")
-    _require(model, "add an adapter")
-    from model.lora_variants import get_variant   # the registry imports this file: import it late
-    variant = get_variant(cfg.variant)             # an unknown variant fails before anything changes
+    require_adapters(model, "add an adapter")
+    variant = variant_hooks(cfg.variant)           # an unknown variant fails before anything changes
     core = unwrap_model(model)
     names = find_targets(core, cfg.targets)   # raises before anything is changed
     if any(is_embedding(core.get_submodule(n)) for n in names):
@@ -435,7 +323,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | None = None, adapter_name: st
             layer = wrapper(layer).train(layer.training)
             setattr(core.get_submodule(parent), child, layer)
         layer.add_adapter(adapter_name, cfg)
-    _set_active(core, active + (adapter_name,))
+    for _, m in lora_modules(core):            # the new adapter joins the active ones
+        m.active = tuple(n for n in active + (adapter_name,) if n in m.configs)
     for n, p in core.named_parameters():       # train the new adapter only; base and older adapters stay frozen
         p.requires_grad = (n.endswith(f".lora_A.{adapter_name}") or n.endswith(f".lora_B.{adapter_name}")
                            or f".variants.{adapter_name}." in n)
@@ -445,35 +334,11 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig | None = None, adapter_name: st
     return dict(wrapped=names, trainable=trainable, total=sum(p.numel() for p in core.parameters()))
 
 
-# ----------------------------------------------------------------------------- switching, merging, combining
-
-def set_active_adapters(model: nn.Module, names):
-    """Choose which adapters run: a name, ``"a,b"``, a list of names, or ``None`` / ``"off"`` for none."""
-    if names is None or names == "off":
-        names = ()
-    elif isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
-    _require(model, "switch adapters", names)
-    _set_active(model, tuple(dict.fromkeys(names)))
-
-
-@contextmanager
-def disable_adapters(model: nn.Module):
-    """``with disable_adapters(model):`` runs the plain base model; the active adapters come back after."""
-    _require(model, "disable adapters")
-    saved = [(m, m.active) for _, m in lora_modules(model)]
-    try:
-        _set_active(model, ())
-        yield model
-    finally:
-        for m, active in saved:
-            m.active = active
-
+# ----------------------------------------------------------------------------- merging
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold the active adapters into the base weights: forward then costs what the plain model costs.
-    An embedding adapter merged into a tied embedding unties it (the LM head keeps the frozen matrix), and
-    the config says so, so that a merged checkpoint saves and loads both matrices."""
+    """Fold the active adapters into the base weights: forward then costs what the plain model costs. Merging
+    into a tied embedding unties it (the LM head keeps the frozen matrix), and the config says so."""
     for _, m in lora_modules(model):
         m.merge()
     _sync_tie_flag(model)
@@ -495,41 +360,6 @@ def _sync_tie_flag(model: nn.Module):
         cfg.tie_word_embeddings = any(m.weight is head.weight for m in core.modules() if isinstance(m, nn.Embedding))
 
 
-def combine_adapters(model: nn.Module, names, weights, new_name: str) -> str:
-    """Add adapter ``new_name`` whose update is exactly sum_i w_i * s_i * B_i @ A_i, and make it the active one.
-
-    Exact because the ranks are concatenated, not averaged (scaling of the new adapter: 1):
-        A_new = cat_i(A_i)              [sum r_i, in]
-        B_new = cat_i(w_i * s_i * B_i)  [out, sum r_i]    so B_new @ A_new = sum_i w_i * s_i * B_i @ A_i
-    A layer lacking one of the adapters gets zero rows / columns for it, so every layer has the same rank.
-    """
-    names, weights = list(names), [float(w) for w in weights]
-    if not names or len(names) != len(weights):
-        raise TinyMindError(f"combine_adapters: {len(names)} names but {len(weights)} weights")
-    if not re.fullmatch(NAME_RE, new_name) or new_name in adapter_names(model):
-        raise TinyMindError(f"combine_adapters: {new_name!r} is already loaded or not a valid name")
-    _require(model, "combine adapters", names)
-    mods = [(n, m) for n, m in lora_modules(model) if any(a in m.configs for a in names)]
-    pairs = [{a: m.lora_pair(a) for a in names if a in m.configs} for _, m in mods]   # (s * B, A) per layer
-    ranks = [next(p[a][1].shape[0] for p in pairs if a in p) for a in names]
-    # alpha = rank -> scaling 1; targets = the exact module names, so load_lora rebuilds the same layers
-    cfg = LoRAConfig(rank=sum(ranks), alpha=float(sum(ranks)), targets=",".join(n for n, _ in mods))
-    for (_, m), pair in zip(mods, pairs):
-        dev = m.base.weight.device
-        As = [pair[a][1] if a in pair else torch.zeros(r, m.in_features, device=dev)
-              for a, r in zip(names, ranks)]
-        Bs = [w * pair[a][0] if a in pair
-              else torch.zeros(m.out_features, r, device=dev) for a, w, r in zip(names, weights, ranks)]
-        m.add_adapter(new_name, cfg, scaling=1.0)
-        with torch.no_grad():
-            m.lora_A[new_name].copy_(torch.cat(As, dim=0))   # [sum r, in]
-            m.lora_B[new_name].copy_(torch.cat(Bs, dim=1))   # [out, sum r]
-        m.lora_A[new_name].requires_grad_(False)             # a combination is for inference: frozen
-        m.lora_B[new_name].requires_grad_(False)
-    _set_active(model, (new_name,))
-    return new_name
-
-
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base weights under the plain model's names ("...q_proj.base.weight" -> "...q_proj.weight")."""
     core = unwrap_model(model)
@@ -545,22 +375,11 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-# ----------------------------------------------------------------------------- files
-
-def _layer_state(m: LoRALinear, name: str) -> dict[str, torch.Tensor]:
-    """One layer's tensors of adapter ``name``: "lora_A" [r, in], "lora_B" [out, r], and a variant's own."""
-    out = {}
-    if name in m.lora_A:
-        out["lora_A"] = m.lora_A[name].detach()
-        out["lora_B"] = m.lora_B[name].detach()
-    if name in m.variants:   # DoRA: "magnitude" [out]; VeRA: "vera_b" [out], "vera_d" [r]; ...
-        out.update({k: t.detach() for k, t in m.variants[name].state_dict().items()})
-    return out
-
+# ----------------------------------------------------------------------------- files (their layout: lora_file.py)
 
 def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """The tensors of adapter ``name`` by plain module name ("model.layers.0.self_attn.q_proj.lora_A", ...)."""
-    return {f"{n}.{k}": t for n, m in lora_modules(model) for k, t in _layer_state(m, name).items()}
+    return {f"{n}.{k}": t for n, m in lora_modules(model) for k, t in layer_tensors(m, name).items()}
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -571,38 +390,18 @@ def base_fingerprint(model: nn.Module) -> str:
 
 
 def save_lora(model: nn.Module, path, adapter_name: str = "default", **extra) -> Path:
-    """Write one adapter, atomically, as a dict that ``torch.load(weights_only=True)`` reads back:
-
-        {"format": "tinymind-lora", "lora_name": str, **extra, "lora_config": LoRAConfig.to_dict(),
-         "base_config": base TinyMindConfig.to_dict(), "base_fingerprint": 16 hex digits of the unmerged base,
-         "trained_over": [{"name", "fingerprint"} of every other adapter that was active: it needs them],
-         "adapter": {"model.layers.0.self_attn.q_proj.lora_A": [r, in], "...q_proj.lora_B": [out, r], ...}}
-
-    Keys hold no adapter name and no DDP / compile prefix. ``lora_name`` defaults to ``adapter_name``;
-    the fixed keys come after ``**extra``, so extra metadata (step=, from_weight=) can never replace them.
-    A variant may write its adapter in another form (PiSSA: as a plain LoRA of rank 2r on the original base).
-    """
-    from model.lora_variants import export_adapter
-    _require(model, "save a LoRA file", [adapter_name])   # the fingerprint is of the *unmerged* base
+    """Write one adapter atomically as a self-describing file (what it holds: ``model/lora_file.py``), its
+    tensors under plain module names ("model.layers.0.self_attn.q_proj.lora_A": [r, in], ...) and ``extra``
+    (step=, from_weight=) beside. A variant may export another form (PiSSA: a plain LoRA of rank 2r)."""
+    require_adapters(model, "save a LoRA file", [adapter_name])   # the fingerprint is of the *unmerged* base
     core = unwrap_model(model)
-    cfg, adapter = export_adapter(core, adapter_name)
+    cfg = next(m.configs[adapter_name] for _, m in lora_modules(core) if adapter_name in m.configs)
+    export = variant_hooks(cfg.variant).export
+    cfg, adapter = export(core, adapter_name) if export is not None else (cfg, adapter_state(core, adapter_name))
     over = [{"name": n, "fingerprint": state_fingerprint(adapter_state(core, n))}
             for n in adapter_names(core, active_only=True) if n != adapter_name]
-    return atomic_save({"format": LORA_FORMAT, "lora_name": adapter_name, **extra,
-                        "lora_config": cfg.to_dict(),
-                        "base_config": core.config.to_dict(),
-                        "base_fingerprint": base_fingerprint(core),
-                        "trained_over": over,
-                        "adapter": {k: t.cpu().clone() for k, t in adapter.items()}}, repo_path(path))
-
-
-def _check_companions(core: nn.Module, obj: dict, path: Path):
-    """An adapter trained on top of others only works with them: each must be loaded and active."""
-    active = {state_fingerprint(adapter_state(core, n)): n for n in adapter_names(core, active_only=True)}
-    for other in obj.get("trained_over") or ():
-        if other.get("fingerprint") not in active:
-            raise TinyMindError(f"{path} was trained on top of adapter {other.get('name')!r} (fingerprint "
-                                f"{other.get('fingerprint')}), which is not active; load that file first")
+    obj = lora_file(adapter_name, extra, cfg.to_dict(), core.config.to_dict(), base_fingerprint(core), over, adapter)
+    return atomic_save(obj, repo_path(path))
 
 
 def _expected_state(core: nn.Module, names: list[str], cfg: LoRAConfig) -> dict[str, tuple]:
@@ -615,61 +414,33 @@ def _expected_state(core: nn.Module, names: list[str], cfg: LoRAConfig) -> dict[
         else:
             probe = LoRALinear(nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta"))
         probe.add_adapter("probe", cfg)
-        expected.update({f"{n}.{k}": tuple(t.shape) for k, t in _layer_state(probe, "probe").items()})
+        expected.update({f"{n}.{k}": tuple(t.shape) for k, t in layer_tensors(probe, "probe").items()})
     return expected
-
-
-def _check_base(core: nn.Module, obj: dict, path: Path):
-    """Refuse a LoRA file trained on another base model: other config, or same config with other weights."""
-    mine, theirs = core.config.to_dict(), obj["base_config"]
-    diff = [k for k in sorted(set(mine) | set(theirs)) if k not in RUNTIME_ONLY_KEYS and mine.get(k) != theirs.get(k)]
-    if diff:
-        what = ", ".join(f"{k} {theirs.get(k)!r} vs {mine.get(k)!r}" for k in diff[:4])
-        raise TinyMindError(f"{path} was made for another base model (file vs model: {what}); force=True loads it anyway")
-    _require(core, "check a LoRA file against the base weights")
-    fp = base_fingerprint(core)
-    if fp != obj["base_fingerprint"]:
-        needs = (obj["lora_config"].get("options") or {}).get("base_weight")   # Delta-LoRA changed W as well
-        hint = f"; it belongs on the base it wrote beside it: --weight {needs}" if isinstance(needs, str) else ""
-        raise TinyMindError(f"{path} was trained on other base weights (fingerprint {obj['base_fingerprint']} vs {fp}: "
-                            f"same config, another checkpoint){hint}; force=True loads it anyway")
 
 
 def load_lora(model: nn.Module, path, adapter_name: str | None = None, force: bool = False) -> str:
     """Add the adapter stored in ``path`` (rank, alpha, targets come from the file) and return its name.
 
-    Everything is checked before the model is touched: the format; that the file fits this base model (same
-    config and weight fingerprint; ``force=True`` skips only this check); and that its keys and shapes are
-    exactly those its targets produce on this model (no silent partial loads). The adapter joins the
-    active ones and, like a new one from ``apply_lora``, is the only trainable tensor (so training can go on).
+    Everything is checked before the model is touched: the format; that the file fits this base model
+    (config, weight fingerprint, companion adapters active; ``force=True`` skips only these); and that its
+    keys and shapes are exactly those its targets produce here. Like ``apply_lora``'s, it joins the active
+    adapters and is the only trainable tensor.
     """
     path = repo_path(path)
-    obj = safe_load(path, "LoRA file")
-    if obj.get("format") != LORA_FORMAT:
-        hint = " (it is a full model checkpoint: pass it as --weight)" if obj.get("format") == "tinymind-model" else ""
-        raise TinyMindError(f"{path} is not a TinyMind LoRA file (format {obj.get('format')!r}){hint}")
-    bad = [k for k, t in (("lora_config", dict), ("base_config", dict), ("base_fingerprint", str), ("adapter", dict))
-           if not isinstance(obj.get(k), t)]
-    if bad:
-        raise TinyMindError(f"{path}: LoRA file lacks (or has a malformed) {', '.join(bad)}")
+    obj = read_lora_file(path)
     core = unwrap_model(model)
     try:
         cfg = LoRAConfig.from_dict(obj["lora_config"])
         if not force:
-            _check_base(core, obj, path)
-            _check_companions(core, obj, path)
-        names = find_targets(core, cfg.targets)
-        state, expected = obj["adapter"], _expected_state(core, names, cfg)   # lora_A [r, in], lora_B [out, r]
+            check_base_config(obj, core.config.to_dict(), path)
+            require_adapters(core, "check a LoRA file against the base weights")
+            check_base_weights(obj, base_fingerprint(core), path)
+            active = {state_fingerprint(adapter_state(core, n)): n for n in adapter_names(core, active_only=True)}
+            check_companions(obj, active, path)
+        state, expected = obj["adapter"], _expected_state(core, find_targets(core, cfg.targets), cfg)
     except TinyMindError as e:
         raise TinyMindError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
-    for label, keys in (("missing", sorted(set(expected) - set(state))), ("unknown", sorted(set(state) - set(expected)))):
-        if keys:
-            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-            raise TinyMindError(f"{path}: {len(keys)} {label} adapter keys: {', '.join(keys[:3])}{more}")
-    for key, shape in expected.items():
-        if not torch.is_tensor(state[key]) or tuple(state[key].shape) != shape:
-            got = tuple(state[key].shape) if torch.is_tensor(state[key]) else type(state[key]).__name__
-            raise TinyMindError(f"{path}: {key} has shape {got}, expected {shape} (rank {cfg.rank})")
+    check_state_dict(state, expected, path, what="adapter keys", hint=f" (rank {cfg.rank})")
     name = adapter_name or obj.get("lora_name") or path.stem
     apply_lora(core, cfg, adapter_name=name)
     with torch.no_grad():

@@ -30,13 +30,15 @@ import shutil
 import torch
 
 from model.common import TinyMindError, atomic_write, find_checkpoint, repo_path, run_main, safe_load
+from model.engine import load_adapters, load_base
 from model.hf_format import (DTYPES, compact_targets, config_from_hf, export_hf, export_peft, peft_variant, read_hf,
                              read_json, read_peft)
 from model.minimind_format import describe, minimind_lora, minimind_state, read_minimind
 from model.model import PRESETS, TinyMindConfig, TinyMindForCausalLM, get_config, load_model, save_model
-from model.model_lora import (LORA_FORMAT, LoRAConfig, apply_lora, base_state_dict, load_lora, merge_lora,
-                              save_lora)
+from model.lora_file import LORA_FORMAT
+from model.model_lora import LoRAConfig, apply_lora, base_state_dict, load_lora, merge_lora, save_lora
 from model.tokenizer import DEFAULT_TOKENIZER_PATH, load_tokenizer
+from tools.cli import add_model_flags, lora_names
 
 ARCH_FLAGS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
               "intermediate_size", "vocab_size", "max_position_embeddings", "rope_theta", "rms_norm_eps")
@@ -49,15 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     way.add_argument("--to", choices=["hf", "peft"], help="export: hf = transformers folder, peft = PEFT adapter")
     way.add_argument("--from", dest="src", choices=["hf", "peft", "minimind"],
                      help="import: a transformers folder, a PEFT adapter folder, or a MiniMind .pth file")
-    p.add_argument("--weight", default="full_sft",
-                   help="TinyMind checkpoint name {save_dir}/{weight}_{hidden}.pth: read by --to and by LoRA "
-                        "imports (the base), written by model imports")
-    p.add_argument("--lora_weight", default=None,
-                   help="--to peft: the LoRA to export; --to hf: LoRA(s), comma-separated, merged into the export")
+    # --dtype and --tokenizer_path mean other things here (what an export writes, what an import came
+    # with), and --hidden_size is one of the architecture flags below: only these three are the shared ones.
+    add_model_flags(p, "weight", "lora_weight", "save_dir",
+                    helps={"weight": "TinyMind checkpoint name {save_dir}/{weight}_{hidden}.pth: read by --to and "
+                                     "by LoRA imports (the base), written by model imports",
+                           "lora_weight": "--to peft: the LoRA to export; --to hf: LoRA(s), comma-separated, "
+                                          "merged into the export",
+                           "save_dir": "folder of TinyMind checkpoints and LoRA files"})
     p.add_argument("--lora_name", default=None, help="LoRA imports: writes {save_dir}/{lora_name}_{hidden}.pth")
     p.add_argument("--in", dest="in_path", default=None, help="imports: the folder (hf, peft) or .pth file (minimind)")
     p.add_argument("--out", default=None, help="exports: the folder to write (default {save_dir}/hf/{name})")
-    p.add_argument("--save_dir", default="out", help="folder of TinyMind checkpoints and LoRA files")
     p.add_argument("--arch", default="auto", choices=["auto", "llama", "qwen3"],
                    help="--to hf: LlamaForCausalLM or Qwen3ForCausalLM (auto: qwen3 exactly when qk_norm is on)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
@@ -182,11 +186,9 @@ def minimind_config(args, state: dict, where) -> TinyMindConfig:
 # ----------------------------------------------------------------------------- the directions
 
 def to_hf(args) -> list[Path]:
-    path = find_checkpoint(args.save_dir, args.weight, args.hidden_size, "checkpoint")
-    model, _ = load_model(path)
-    names = [n.strip() for n in (args.lora_weight or "").split(",") if n.strip()]
-    for name in names:   # merged in fp32 before any cast, as scripts/merge_lora.py does
-        load_lora(model, find_checkpoint(args.save_dir, name, model.config.hidden_size, "LoRA file"), name)
+    model, _, _ = load_base(args.save_dir, args.weight, args.hidden_size)
+    names = lora_names(args.lora_weight)
+    load_adapters(model, args.save_dir, names)   # merged in fp32 before any cast, as scripts/merge_lora.py does
     merge_lora(model)
     arch = args.arch if args.arch != "auto" else ("qwen3" if model.config.qk_norm else "llama")
     out = out_folder(args, "_".join([args.weight] + names))

@@ -8,7 +8,8 @@ What it measures (every prompt here is absent from every training file):
 - held-out loss / perplexity: teacher-forced loss on the reference replies of all three sets.
 
 Replies come from batched greedy decoding (left-padded prompts, one KV cache per batch), so a full
-evaluation of the `tiny` preset takes seconds, not minutes.
+evaluation of the `tiny` preset takes seconds, not minutes. The scoring itself is tools/scoring.py; this
+file is the command: which variants to score, the printed lines, and the report files.
 
     python scripts/evaluate.py --weight full_sft                                # SFT alone
     python scripts/evaluate.py --weight full_sft --lora_weight lora_identity    # with one adapter
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -31,146 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch
 
-from model.common import (TinyMindError, atomic_write, atomic_write_text, find_checkpoint, repo_path, run_main,
-                          setup_device)
+from model.common import atomic_write, atomic_write_text, find_checkpoint, repo_path, run_main, setup_device
+from model.engine import load_adapters, load_base
+from model.lora_adapters import set_active_adapters
+from model.tokenizer import load_tokenizer
+from tools.cli import add_model_flags, lora_names
+from tools.scoring import evaluate_model, load_eval_sets
 
-EVAL_SETS = ("general_qa", "identity", "medical_qa")
 # The four variants the README compares: (label, adapters active).
 COMPARE = (("SFT", ()), ("+identity", ("lora_identity",)), ("+medical", ("lora_medical",)),
            ("+both", ("lora_identity", "lora_medical")))
-
-
-# ----------------------------------------------------------------------------- data
-
-def load_eval_sets(eval_dir) -> dict[str, list[dict]]:
-    """Read dataset/eval/{general_qa,identity,medical_qa}.jsonl; a missing set is skipped."""
-    eval_dir = repo_path(eval_dir)
-    sets = {}
-    for name in EVAL_SETS:
-        path = eval_dir / f"{name}.jsonl"
-        if not path.exists():
-            continue
-        items = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TinyMindError(f"{path} line {n}: malformed JSON ({e.msg})") from None
-            if "question" not in item:
-                raise TinyMindError(f"{path} line {n}: missing key 'question'")
-            items.append(item)
-        sets[name] = items
-    if not sets:
-        raise TinyMindError(f"no evaluation sets ({', '.join(EVAL_SETS)}.jsonl) found in {eval_dir}")
-    return sets
-
-
-def messages_for(item: dict) -> list[dict]:
-    msgs = [{"role": "system", "content": item["system"]}] if item.get("system") else []
-    return msgs + [{"role": "user", "content": item["question"]}]
-
-
-def reference_reply(item: dict) -> str | None:
-    """The reply used for the teacher-forced loss: an explicit reference, else the first answer."""
-    if item.get("reference"):
-        return item["reference"]
-    if item.get("answers"):
-        return item["answers"][0]
-    return None  # identity items have no single right reply
-
-
-# ----------------------------------------------------------------------------- scoring
-
-def contains_any(reply: str, keys) -> bool:
-    reply = reply.lower()
-    return any(k.lower() in reply for k in keys)
-
-
-def score_qa(items: list[dict], replies: list[str]) -> dict:
-    """Keyword accuracy, overall and per subset ("kind")."""
-    hits = [contains_any(r, it["answers"]) for it, r in zip(items, replies)]
-    by_kind: dict[str, list[bool]] = {}
-    for it, h in zip(items, hits):
-        by_kind.setdefault(it.get("kind", "all"), []).append(h)
-    return {"accuracy": sum(hits) / max(1, len(hits)), "n": len(hits),
-            "by_kind": {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_kind.items())}}
-
-
-def score_identity(items: list[dict], replies: list[str]) -> dict:
-    """Share of replies that name the base persona, and the share that name the new one."""
-    base = [contains_any(r, it.get("base_names", [])) for it, r in zip(items, replies)]
-    new = [contains_any(r, it.get("new_names", [])) for it, r in zip(items, replies)]
-    n = max(1, len(replies))
-    return {"base_share": sum(base) / n, "new_share": sum(new) / n, "n": len(replies)}
-
-
-# ----------------------------------------------------------------------------- model side
-
-@torch.inference_mode()
-def generate_replies(model, tok, items, device, batch_size=32, max_new_tokens=48) -> list[str]:
-    """Batched greedy decoding. Prompts are sorted by length so each batch pads little."""
-    prompts = [tok.encode(tok.apply_chat_template(messages_for(it), add_generation_prompt=True))
-               for it in items]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    replies = [""] * len(prompts)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        longest = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), longest), tok.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), longest), dtype=torch.long)
-        for row, i in enumerate(idx):  # left padding: every prompt ends at the last column
-            ids[row, longest - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, longest - len(prompts[i]):] = 1
-        out = model.generate(ids.to(device), max_new_tokens=max_new_tokens, temperature=0.0,
-                             eos_token_id=tok.eos_id, attention_mask=mask.to(device))
-        for row, i in enumerate(idx):
-            new = out[row, longest:].tolist()
-            if tok.eos_id in new:
-                new = new[:new.index(tok.eos_id)]
-            replies[i] = tok.decode(new, skip_special_tokens=True).strip()
-    return replies
-
-
-@torch.inference_mode()
-def heldout_loss(model, tok, items, device, batch_size=32) -> dict:
-    """Mean teacher-forced loss over the reference reply tokens (and <|im_end|>) of every item."""
-    seqs = []
-    for it in items:
-        ref = reference_reply(it)
-        if ref is None:
-            continue
-        prompt = tok.encode(tok.apply_chat_template(messages_for(it), add_generation_prompt=True))
-        reply = tok.encode(ref) + [tok.eos_id]
-        seqs.append((prompt + reply, [-100] * len(prompt) + reply))
-    total, count = 0.0, 0
-    for s in range(0, len(seqs), batch_size):
-        chunk = seqs[s:s + batch_size]
-        T = max(len(x) for x, _ in chunk)
-        ids = torch.full((len(chunk), T), tok.pad_id, dtype=torch.long)
-        labels = torch.full((len(chunk), T), -100, dtype=torch.long)
-        for row, (x, y) in enumerate(chunk):  # right padding is fine for a causal loss
-            ids[row, :len(x)], labels[row, :len(y)] = torch.tensor(x), torch.tensor(y)
-        n = int((labels[:, 1:] != -100).sum())
-        loss = model(ids.to(device), labels=labels.to(device)).loss
-        total, count = total + float(loss) * n, count + n
-    mean = total / max(1, count)
-    return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": count}
-
-
-def evaluate_model(model, tok, sets, device, batch_size=32, max_new_tokens=48, keep_replies=False) -> dict:
-    """Score one model (whatever adapters are active) on every loaded set."""
-    result, all_items = {}, []
-    for name, items in sets.items():
-        replies = generate_replies(model, tok, items, device, batch_size, max_new_tokens)
-        score = score_identity(items, replies) if name == "identity" else score_qa(items, replies)
-        if keep_replies:
-            score["replies"] = [{"question": it["question"], "reply": r} for it, r in zip(items, replies)]
-        result[name] = score
-        all_items += items
-    result["heldout"] = heldout_loss(model, tok, all_items, device, batch_size)
-    return result
 
 
 # ----------------------------------------------------------------------------- report
@@ -234,14 +104,11 @@ def write_report(rows, results, out_dir: Path, meta: dict) -> dict:
 
 def build_parser():
     p = argparse.ArgumentParser(description="Score a TinyMind checkpoint (and LoRA adapters) on dataset/eval/.")
-    p.add_argument("--weight", default="full_sft", help="base checkpoint name: reads {save_dir}/{weight}_{hidden}.pth")
-    p.add_argument("--lora_weight", default="", help="LoRA name(s), comma-separated, all active together")
+    add_model_flags(p, "weight", "lora_weight", "save_dir", "hidden_size", "device", defaults={"lora_weight": ""},
+                    helps={"save_dir": "folder with checkpoints and LoRA files; reports go here too"})
     p.add_argument("--compare", type=int, default=0,
                    help="1: score SFT alone, +lora_identity, +lora_medical and both, and write the report files")
-    p.add_argument("--save_dir", default="out", help="folder with checkpoints and LoRA files; reports go here too")
-    p.add_argument("--hidden_size", type=int, default=None, help="picks the file name; default: the only one present")
     p.add_argument("--eval_dir", default="dataset/eval", help="folder with general_qa/identity/medical_qa.jsonl")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--batch_size", type=int, default=64, help="prompts decoded together")
     p.add_argument("--max_new_tokens", type=int, default=48, help="reply length cap (answers are short)")
     p.add_argument("--limit", type=int, default=0, help="score only the first N items of each set (0 = all)")
@@ -252,19 +119,13 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from model.model import load_model
-    from model.model_lora import load_lora, set_active_adapters
-    from model.tokenizer import load_tokenizer
-
     # Scores are computed in fp32 on every device, so they compare across machines.
     device = setup_device(args.device, "float32", log=False, inference=True).device
     save_dir = repo_path(args.save_dir)
     sets = load_eval_sets(args.eval_dir)
     if args.limit:
         sets = {k: v[:args.limit] for k, v in sets.items()}
-    ckpt_path = find_checkpoint(save_dir, args.weight, args.hidden_size)
-    model, ckpt = load_model(ckpt_path, device=device)
-    model.eval()
+    model, _, ckpt_path = load_base(save_dir, args.weight, args.hidden_size, device=device)
     hidden = model.config.hidden_size
     tok = load_tokenizer()
 
@@ -272,14 +133,10 @@ def main(argv=None):
         variants = [(label, names) for label, names in COMPARE
                     if all(find_checkpoint(save_dir, n, hidden, missing_ok=True) for n in names)]
     else:
-        names = tuple(n.strip() for n in args.lora_weight.split(",") if n.strip())
+        names = tuple(lora_names(args.lora_weight))
         variants = [("+" + "+".join(names) if names else args.weight, names)]
-    loaded = set()
-    for _, names in variants:
-        for n in names:
-            if n not in loaded:
-                load_lora(model, find_checkpoint(save_dir, n, hidden, what="LoRA file"), adapter_name=n)
-                loaded.add(n)
+    loaded = list(dict.fromkeys(n for _, names in variants for n in names))   # each adapter once, in order
+    load_adapters(model, save_dir, loaded)
     model.eval()
 
     rows, results = [], {}

@@ -21,24 +21,25 @@ import argparse
 
 import torch
 
-from model.common import TinyMindError, find_checkpoint, repo_path, run_main
-from model.model import load_model, save_model
-from model.model_lora import base_state_dict, combine_adapters, load_lora, merge_lora, set_active_adapters
+from model.common import TinyMindError, repo_path, run_main
+from model.engine import load_adapters, load_base
+from model.model import save_model
+from model.lora_adapters import combine_adapters, set_active_adapters
+from model.model_lora import base_state_dict, merge_lora
+from tools.cli import add_model_flags, lora_names
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weight", default="full_sft", help="base checkpoint name: reads {save_dir}/{weight}_{hidden}.pth")
-    p.add_argument("--lora_weight", default="lora_identity",
-                   help="LoRA name(s), comma-separated: reads {save_dir}/{name}_{hidden}.pth for each")
+    add_model_flags(p, "weight", "lora_weight", "save_dir", "hidden_size", defaults={"lora_weight": "lora_identity"},
+                    helps={"lora_weight": "LoRA name(s), comma-separated: reads {save_dir}/{name}_{hidden}.pth for "
+                                          "each",
+                           "save_dir": "folder with the input files and for the output"})
     p.add_argument("--lora_scales", default="",
                    help="comma-separated weight per LoRA (default 1 each); 0.5 merges half of that adapter's update")
     p.add_argument("--out_weight", default="",
                    help="name of the merged checkpoint (default {weight}_{lora names joined by _})")
-    p.add_argument("--save_dir", default="out", help="folder with the input files and for the output")
-    p.add_argument("--hidden_size", type=int, default=None,
-                   help="picks the file {weight}_{hidden}.pth (default: the only {weight}_*.pth in --save_dir)")
     p.add_argument("--force", action="store_true",
                    help="merge a LoRA even if it was trained on another base checkpoint (same shapes required)")
     return p
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     save_dir = repo_path(args.save_dir)
-    names = [n.strip() for n in args.lora_weight.split(",") if n.strip()]
+    names = lora_names(args.lora_weight)
     if not names:
         raise TinyMindError("--lora_weight: give at least one LoRA name")
     try:
@@ -60,12 +61,9 @@ def main(argv=None):
     if out_weight == args.weight:
         raise TinyMindError("--out_weight must differ from --weight (the base checkpoint is never overwritten)")
 
-    base_path = find_checkpoint(save_dir, args.weight, args.hidden_size, what="base checkpoint")
-    model, ckpt = load_model(base_path)
+    model, ckpt, base_path = load_base(save_dir, args.weight, args.hidden_size, what="base checkpoint")
     hidden = model.config.hidden_size
-    lora_paths = [find_checkpoint(save_dir, n, hidden, what="LoRA file") for n in names]
-    for name, path in zip(names, lora_paths):
-        load_lora(model, path, adapter_name=name, force=args.force)
+    lora_paths = load_adapters(model, save_dir, names, force=args.force)
     if scales != [1.0] * len(names):   # a weighted sum: one exact combined adapter (ranks concatenated)
         combine_adapters(model, names, scales, "combined")
     else:

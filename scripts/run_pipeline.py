@@ -3,7 +3,7 @@
 Each stage is the ordinary script a learner would run by hand (trainer/train_pretrain.py, ...), started
 as a subprocess. The scripts' defaults are the `tiny` demo recipe, so for `tiny` the pipeline passes only
 file names (and --seed, --device, --save_dir when given): `python trainer/train_sft.py` alone trains the
-same model as the pipeline's SFT stage. Other presets add the flags listed in ``STAGES`` below. A
+same model as the pipeline's SFT stage. Other presets add the flags listed in tools/recipes.py::STAGES. A
 training stage whose output file already exists is skipped, unless a stage before it was retrained
 (``--force`` reruns everything); a stage that was interrupted left a resume file, and the next run
 continues it with ``--from_resume 1``. The evaluation always runs.
@@ -30,30 +30,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from model.common import ROOT, TinyMindError, atomic_write_text, repo_path, run_main
+from model.common import ROOT, TinyMindError, atomic_write_text, repo_path, run_main, safe_load
+from model.model import get_config
+from tools.recipes import STAGES
 
-# Per-preset flags on top of each script's defaults. The defaults are the `tiny` demo recipe, so `tiny`
-# adds nothing but the medical adapter's recipe: a new 62-row table keyed on 62 one-token condition
-# names needs more passes than a new name, a larger step with some weight decay, and a LoRA on the token
-# embedding, which gives each name trainable numbers of its own (docs/04-lora.md); it sits on attention +
-# embedding only, so that it adds to the identity adapter (on every linear layer) with little interference.
-MEDICAL_TARGETS = "q_proj,k_proj,v_proj,o_proj,embed_tokens"
-STAGES = {
-    "tiny": {"pretrain": [], "sft": [], "lora_identity": [],
-             "lora_medical": ["--epochs", "9", "--learning_rate", "7e-3", "--weight_decay", "0.1",
-                              "--lora_targets", MEDICAL_TARGETS],
-             "eval": []},
-    "smoke": {
-        "pretrain": ["--max_steps", "40", "--batch_size", "8", "--max_seq_len", "128",
-                     "--learning_rate", "3e-3"],
-        "sft": ["--max_steps", "30", "--batch_size", "8", "--max_seq_len", "128", "--learning_rate", "2e-3"],
-        "lora_identity": ["--max_steps", "15", "--batch_size", "8", "--max_seq_len", "128",
-                          "--learning_rate", "3e-3", "--lora_rank", "4", "--lora_alpha", "8"],
-        "lora_medical": ["--max_steps", "15", "--batch_size", "8", "--max_seq_len", "128",
-                         "--learning_rate", "3e-3", "--lora_rank", "4", "--lora_alpha", "8"],
-        "eval": ["--limit", "16", "--max_new_tokens", "24"],
-    },
-}
 ORDER = ("pretrain", "sft", "lora_identity", "lora_medical", "eval")
 
 
@@ -81,12 +61,10 @@ def unfinished_resume(done: Path) -> Path | None:
     resume = done.with_name(done.stem + "_resume.pth")
     if not resume.exists():
         return None
-    from model.common import safe_load
     return None if safe_load(resume, "resume file").get("finished", False) else resume
 
 
 def preset_hidden(preset: str) -> int:
-    from model.model import get_config
     return get_config(preset).hidden_size
 
 

@@ -5,15 +5,21 @@
   script under test changed it.
 - ``make_model``: a seeded smoke-sized TinyMind (optionally with config overrides).
 - ``make_workspace``: tiny pretrain + SFT jsonl files and a byte-level BPE tokenizer trained on them,
-  in a folder (the training tests make one per module).
-- ``save_smoke_sft``: a random smoke ``full_sft`` checkpoint for the LoRA training tests.
+  in a folder; ``save_smoke_sft``: a random smoke ``full_sft`` checkpoint sized to its tokenizer.
+- ``ws`` (session): one workspace with a smoke ``full_sft`` in it; ``with_base`` copies that checkpoint
+  into a fresh save_dir, and ``lora_argv`` is train_lora.py's command line for a small run there.
+- ``tok`` (session): a 500-token byte-level BPE trained on ``TOKENIZER_CORPUS``.
+- ``tokens``, ``logits``, ``lora_model``, ``randomize_lora_B``, ``LORA_CFG``: seeded ids, no-grad logits,
+  and a smoke model with a LoRA (alpha != r) whose B is random, for the LoRA tests.
 - ``quiet``, ``snapshot``, ``assert_bitwise_equal``, ``expect_user_error``: helpers the training tests
   share (import them with ``from conftest import ...``).
+- ``dev_script``: a script of dev/ loaded from its path (dev/ is a folder of scripts, not a package).
 - ``trained_smoke`` (session): a smoke ``full_sft`` with two LoRA files trained on it by train_lora.py;
   ``api_server`` (session): scripts/serve_openai_api.py serving it on a free port in a thread.
 """
 import contextlib
 import hashlib
+import importlib.util
 import io
 import json
 import random
@@ -60,6 +66,51 @@ def make_model():
     return build_model
 
 
+def tokens(seed: int = 0, B: int = 2, T: int = 12, vocab: int | None = None) -> torch.Tensor:
+    """Seeded random ids (B, T) in [3, vocab): no special token, so nothing depends on the chat template."""
+    from model.model import get_config
+
+    vocab = vocab or get_config("smoke").vocab_size
+    return torch.randint(3, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, x: torch.Tensor) -> torch.Tensor:
+    """The model's logits for ids x, without autograd."""
+    with torch.no_grad():
+        return model(x).logits
+
+
+# alpha != r on purpose (scaling 3): a forgotten or wrong scaling shows in every comparison
+LORA_CFG = dict(rank=4, alpha=12.0)
+
+
+def randomize_lora_B(model, name: str = "default", seed: int = 1, std: float = 0.05):
+    """A non-zero update on every LoRA layer of adapter ``name`` (a zero B would hide a wrong mapping):
+    seeded random B, and on an embedding, whose A starts at zero, random A too."""
+    from model.model_lora import LoRAEmbedding, lora_modules
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            if name in m.lora_B:
+                m.lora_B[name].copy_(torch.randn(m.lora_B[name].shape, generator=g) * std)
+            if name in m.lora_A and isinstance(m, LoRAEmbedding):
+                m.lora_A[name].copy_(torch.randn(m.lora_A[name].shape, generator=g))
+    return model
+
+
+def lora_model(seed: int = 0, name: str = "default", b_seed: int | None = 1, **cfg):
+    """A smoke model (``build_model(seed)``) with adapter ``name`` (LORA_CFG updated by cfg); B is random
+    (``randomize_lora_B`` with b_seed), or stays at its zero init with b_seed=None."""
+    from model.model_lora import apply_lora
+
+    model = build_model(seed)
+    apply_lora(model, adapter_name=name, **{**LORA_CFG, **cfg})
+    if b_seed is not None:
+        randomize_lora_B(model, name, seed=b_seed)
+    return model
+
+
 def make_workspace(root: Path) -> dict:
     """Tiny pretrain + SFT jsonl files and a tokenizer trained on them, under ``root``."""
     from model.tokenizer import TinyMindTokenizer
@@ -88,6 +139,51 @@ def save_smoke_sft(ws: dict, path: Path) -> Path:
     torch.manual_seed(0)
     cfg = get_config("smoke", vocab_size=len(load_tokenizer(ws["tok"])))
     return save_model(TinyMindForCausalLM(cfg), path, stage="sft", weight="full_sft")
+
+
+@pytest.fixture(scope="session")
+def ws(tmp_path_factory) -> dict:
+    """One ``make_workspace`` for the session, plus ``sft_ckpt``: a ``save_smoke_sft`` checkpoint in
+    ``root/base``. Read-only: a test trains into its own folder (``with_base``), never into ``root``;
+    only the pretrain token cache (``cache``) is written, by the runs that read ``pre``."""
+    ws = make_workspace(tmp_path_factory.mktemp("ws"))
+    ws["sft_ckpt"] = save_smoke_sft(ws, ws["root"] / "base" / "full_sft_64.pth")
+    return ws
+
+
+def with_base(ws: dict, parent: Path, name: str = "out") -> Path:
+    """A fresh save_dir ``parent/name`` holding a copy of the workspace's smoke full_sft checkpoint."""
+    d = parent / name
+    d.mkdir()
+    (d / "full_sft_64.pth").write_bytes(ws["sft_ckpt"].read_bytes())
+    return d
+
+
+def lora_argv(ws: dict, save_dir, *extra) -> list[str]:
+    """trainer/train_lora.py's command line for a small run on the workspace, into ``save_dir``."""
+    return ["--data_path", ws["sft"], "--tokenizer_path", ws["tok"], "--save_dir", str(save_dir),
+            "--device", "cpu", "--max_seq_len", "64", "--batch_size", "8", "--learning_rate", "5e-3",
+            "--lora_rank", "4", "--lora_alpha", "8", "--log_interval", "4", "--eval_interval", "0", *map(str, extra)]
+
+
+# The corpus of the session tokenizer ``tok``: Chinese, English, digits and code.
+# No emoji on purpose: tests/test_tokenizer.py checks that an unseen emoji falls back to its bytes.
+TOKENIZER_CORPUS = [
+    "你好，我是TinyMind，一个从零开始训练的小型语言模型。",
+    "中国的首都是北京。多喝水，早睡早起，身体好。",
+    "The capital of France is Paris. Language models predict the next token.",
+    "Numbers: 3.14159, 2024-05-01, 1234567890, x = 42 * 7",
+    "def add(a, b):\n    return a + b\n",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """A 500-token byte-level BPE trained in-process on TOKENIZER_CORPUS, once per session."""
+    from model.tokenizer import TinyMindTokenizer
+    from trainer.train_tokenizer import train_bpe
+
+    return TinyMindTokenizer(train_bpe(TOKENIZER_CORPUS, vocab_size=500))
 
 
 def quiet(fn, *args, **kw):
@@ -122,6 +218,23 @@ def expect_user_error(capsys, main, argv, *needles):
     for n in needles:
         assert n in err[0], err[0]
     return err[0]
+
+
+def dev_script(name: str):
+    """dev/{name}.py as a module, loaded from its path once per session (as ``dev_{name}``): dev/ holds
+    scripts, not a package, so ``import dev.bench`` is not how they are reached."""
+    module_name = f"dev_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / "dev" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module   # before it runs: a dataclass looks its module up there
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
 
 
 # Persona and medical answers the smoke LoRAs learn by heart (a few dozen steps on a tiny random base).

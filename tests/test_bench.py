@@ -1,4 +1,4 @@
-"""scripts/bench.py: the --quick run measures everything and writes it to JSON; flags and targets are checked."""
+"""dev/bench.py: the --quick run measures everything and writes it to JSON; flags and targets are checked."""
 import json
 import math
 
@@ -6,12 +6,15 @@ import pytest
 import torch
 
 from model.common import TinyMindError
-from scripts.bench import MEASUREMENTS, decode_bytes_per_token, judge, main, render_report
+from conftest import dev_script
+
+bench = dev_script("bench")
 
 
+@pytest.mark.slow   # times every measurement of the quick bench
 def test_quick_bench_writes_every_measurement(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    main(["--quick", "--out", str(out)])
+    bench.main(["--quick", "--out", str(out)])
     data = json.loads(out.read_text(encoding="utf-8"))
 
     assert data["format"] == "tinymind-bench" and data["date"] and "--quick" in data["command"]
@@ -19,7 +22,7 @@ def test_quick_bench_writes_every_measurement(tmp_path, capsys):
     assert machine["torch"] == torch.__version__ and machine["cpu_count"] >= 1 and machine["device"] == "cpu"
     assert machine["platform"]
 
-    assert list(data["measurements"]) == list(MEASUREMENTS)
+    assert list(data["measurements"]) == list(bench.MEASUREMENTS)
     for name, m in data["measurements"].items():
         if name == "train_compile":   # compiling takes a minute per model: --quick says so instead of timing
             assert not m["rows"] and "not measured with --quick" in m["details"]["skipped"]
@@ -51,8 +54,8 @@ def test_quick_bench_writes_every_measurement(tmp_path, capsys):
     assert "| measurement | result | % of limit | target | status |" in printed and str(out) in printed
 
     # --render prints the saved table again, with machine, command and date, and measures nothing
-    rendered = main(["--render", str(out)])
-    assert rendered == render_report(data) and data["table"] in rendered
+    rendered = bench.main(["--render", str(out)])
+    assert rendered == bench.render_report(data) and data["table"] in rendered
     assert data["command"] in rendered and data["date"] in rendered and data["machine"]["cpu"] in rendered
     assert capsys.readouterr().out.strip() == rendered.strip()
 
@@ -66,9 +69,9 @@ def test_decode_bytes_per_token_counts_every_matrix_once():
     C, I, V, L = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers
     kv = C // cfg.num_attention_heads * cfg.num_key_value_heads
     per_layer = C * C * 2 + 2 * C * kv + 3 * C * I
-    assert decode_bytes_per_token(model) == 4 * (L * per_layer + V * C + C)
-    assert decode_bytes_per_token(model.to(torch.bfloat16)) == 2 * (L * per_layer + V * C + C)
-    assert decode_bytes_per_token(model.float()) == pytest.approx(4 * 25.83e6, rel=0.01)
+    assert bench.decode_bytes_per_token(model) == 4 * (L * per_layer + V * C + C)
+    assert bench.decode_bytes_per_token(model.to(torch.bfloat16)) == 2 * (L * per_layer + V * C + C)
+    assert bench.decode_bytes_per_token(model.float()) == pytest.approx(4 * 25.83e6, rel=0.01)
 
 
 def test_lora_forward_matches_reference_formula():
@@ -96,27 +99,27 @@ def test_lora_forward_matches_reference_formula():
 
 
 def test_judge_targets():
-    assert judge("lora_step", 1.31, quick=False) == (">= 1.3x", "PASS")
-    assert judge("lora_step", 1.29, quick=False)[1] == "MISS"
-    assert judge("lora_memory", 0.69, quick=False)[1] == "PASS"
-    assert judge("merged_forward", 0.98, quick=False)[1] == "PASS"
-    assert judge("merged_forward", 1.04, quick=False)[1] == "MISS"
-    assert judge("decode", 59.0, quick=False) == (">= 60% of limit", "MISS")
-    assert judge("decode_bf16", 61.0, quick=False) == (">= 60% of limit", "PASS")
-    assert judge("unmerged_forward", 1.12, quick=False) == ("<= 1.1x", "MISS")
-    assert judge("train_tiny", 5.0, quick=False) == ("reported", "-")
-    assert judge("kv_cache", 2.0, quick=True)[1] == "not judged (quick)"
+    assert bench.judge("lora_step", 1.31, quick=False) == (">= 1.3x", "PASS")
+    assert bench.judge("lora_step", 1.29, quick=False)[1] == "MISS"
+    assert bench.judge("lora_memory", 0.69, quick=False)[1] == "PASS"
+    assert bench.judge("merged_forward", 0.98, quick=False)[1] == "PASS"
+    assert bench.judge("merged_forward", 1.04, quick=False)[1] == "MISS"
+    assert bench.judge("decode", 59.0, quick=False) == (">= 60% of limit", "MISS")
+    assert bench.judge("decode_bf16", 61.0, quick=False) == (">= 60% of limit", "PASS")
+    assert bench.judge("unmerged_forward", 1.12, quick=False) == ("<= 1.1x", "MISS")
+    assert bench.judge("train_tiny", 5.0, quick=False) == ("reported", "-")
+    assert bench.judge("kv_cache", 2.0, quick=True)[1] == "not judged (quick)"
 
 
 def test_bad_flags_are_one_line_errors():
     with pytest.raises(TinyMindError, match="unknown measurement.*choose from"):
-        main(["--only", "decode,nope"])
+        bench.main(["--only", "decode,nope"])
     with pytest.raises(TinyMindError, match="unknown preset"):
-        main(["--preset", "huge", "--only", "decode"])
+        bench.main(["--preset", "huge", "--only", "decode"])
     with pytest.raises(TinyMindError, match="--render .*not found"):
-        main(["--render", "out/no_such_bench.json"])
+        bench.main(["--render", "out/no_such_bench.json"])
     with pytest.raises(TinyMindError, match="--repeats must be >= 1"):
-        main(["--repeats", "0"])
+        bench.main(["--repeats", "0"])
     if not torch.cuda.is_available():
         with pytest.raises(TinyMindError, match="CUDA is not available"):
-            main(["--device", "cuda"])
+            bench.main(["--device", "cuda"])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model.common import ROOT, TinyMindError, atomic_save, repo_path, run_main, safe_load
+from conftest import dev_script
 
 
 def test_repo_path_resolves_from_root(tmp_path, monkeypatch):
@@ -91,7 +92,7 @@ def test_atomic_write_replaces_only_on_success(tmp_path):
 
 
 def _code_files():
-    for folder in ("model", "trainer", "scripts", "dataset"):
+    for folder in ("model", "trainer", "tools", "scripts", "dev", "dataset"):
         yield from sorted((ROOT / folder).rglob("*.py"))
     yield ROOT / "eval_llm.py"
 
@@ -116,8 +117,8 @@ def test_every_file_is_written_through_the_one_helper():
     file that never outlives its TemporaryDirectory is the only exception (the benchmark's corpus slice)."""
     import re
 
-    allowed = {("scripts/bench.py", "sliced.write_text("),  # a scratch file inside a TemporaryDirectory
-               ("scripts/bench_utils.py", '"/proc/self/clear_refs"')}  # a kernel control file, not a file of ours
+    allowed = {("dev/bench.py", "sliced.write_text("),  # a scratch file inside a TemporaryDirectory
+               ("tools/measure.py", '"/proc/self/clear_refs"')}  # a kernel control file, not a file of ours
     writes = re.compile(r"os\.replace\(|\.replace\(path\)|torch\.save\(|\w+\.write_text\(|\.write_bytes\(|"
                         r"open\((?!tmp\b)[^)]*['\"][wa]b?['\"]|\.savefig\((?!tmp)")
     problems = _code_lines_matching(writes, allowed)
@@ -136,16 +137,16 @@ def test_one_device_rule_and_one_checkpoint_rule_everywhere():
 
 
 @pytest.mark.parametrize("device", ["foo", "cuda"])
-@pytest.mark.parametrize("script", ["eval_llm", "scripts.evaluate", "scripts.bench", "trainer.train_pretrain",
+@pytest.mark.parametrize("script", ["eval_llm", "scripts.evaluate", "dev/bench.py", "trainer.train_pretrain",
                                     "trainer.train_sft", "trainer.train_lora"])
 def test_bad_device_is_a_one_line_error_in_every_script(script, device, tmp_path, capsys):
     import importlib
 
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    main = importlib.import_module(script).main
+    main = dev_script("bench").main if script == "dev/bench.py" else importlib.import_module(script).main
     with pytest.raises(SystemExit) as e:
-        run_main(main, ["--device", device, "--save_dir", str(tmp_path)] if script != "scripts.bench"
+        run_main(main, ["--device", device, "--save_dir", str(tmp_path)] if script != "dev/bench.py"
                  else ["--device", device, "--quick", "--out", str(tmp_path / "b.json")])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -153,8 +154,8 @@ def test_bad_device_is_a_one_line_error_in_every_script(script, device, tmp_path
 
 
 def test_weights_digest_sees_one_flipped_bit(tmp_path):
-    """scripts/weights_digest.py: the proof that a refactor leaves training bit-identical."""
-    from scripts.weights_digest import folder_digests
+    """dev/weights_digest.py: the proof that a refactor leaves training bit-identical."""
+    folder_digests = dev_script("weights_digest").folder_digests
 
     w = torch.randn(4, 4)
     atomic_save({"model": {"w": w}, "step": 3}, tmp_path / "a_64.pth")

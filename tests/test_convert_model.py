@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_bitwise_equal, build_model, expect_user_error
+from conftest import assert_bitwise_equal, build_model, expect_user_error, logits, randomize_lora_B
 from safetensors.torch import load_file, save_file
 
 from model.model import TinyMindForCausalLM, get_config, load_model, save_model
@@ -45,22 +45,13 @@ def save_base(out: Path, qk_norm=False, name="full_sft") -> TinyMindForCausalLM:
 def save_adapter(model, out: Path, name="lora_identity", **cfg) -> TinyMindForCausalLM:
     """A LoRA with alpha != r and non-zero B (a zero B would hide a wrong mapping)."""
     apply_lora(model, LoRAConfig(**{"rank": 4, "alpha": 6.0, **cfg}), adapter_name=name)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora_B." in n or "embed_tokens.lora_A." in n:   # an embedding's A starts at zero too
-                p.normal_(0, 0.05)
+    randomize_lora_B(model, name)   # and an embedding's A, which starts at zero too
     save_lora(model, out / f"{name}_64.pth", adapter_name=name)
     return model
 
 
 def convert(out: Path, *argv):
     return main([*map(str, argv), "--save_dir", str(out)])
-
-
-def logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(ids).logits.float()
 
 
 def refused(capsys, argv, match):
@@ -100,12 +91,13 @@ def test_hf_round_trip_is_bit_exact(out, tmp_path):
     assert_bitwise_equal(a["model"], b["model"])
 
 
+@pytest.mark.slow   # loads and runs transformers
 def test_transformers_gives_tinymind_logits_prompt_and_text(out, tmp_path):
     transformers = pytest.importorskip("transformers")
     model = save_base(out)
     convert(out, "--weight", "full_sft", "--to", "hf", "--out", tmp_path / "hf")
     hf = load_hf(transformers, tmp_path / "hf", "LlamaForCausalLM")
-    assert torch.allclose(logits(hf), logits(model), atol=1e-4)
+    assert torch.allclose(logits(hf, IDS), logits(model, IDS), atol=1e-4)
     tok, mine = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf"), load_tokenizer()
     for msgs, gen in ((MESSAGES, True), (MESSAGES[:3], False)):
         prompt = tok.apply_chat_template(msgs, add_generation_prompt=gen, tokenize=False)
@@ -126,10 +118,10 @@ def test_qk_norm_model_exports_as_qwen3_and_back(out, tmp_path, capsys):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
     convert(out, "--from", "hf", "--in", tmp_path / "hf", "--weight", "back")
     back, _ = load_model(out / "back_64.pth")
-    assert back.config.qk_norm and torch.equal(logits(back), logits(model))
+    assert back.config.qk_norm and torch.equal(logits(back, IDS), logits(model, IDS))
     transformers = pytest.importorskip("transformers")
     hf = load_hf(transformers, tmp_path / "hf", "Qwen3ForCausalLM")
-    assert torch.allclose(logits(hf), logits(model), atol=1e-4)
+    assert torch.allclose(logits(hf, IDS), logits(model, IDS), atol=1e-4)
 
 
 def test_merged_lora_export(out, tmp_path):
@@ -137,7 +129,7 @@ def test_merged_lora_export(out, tmp_path):
     convert(out, "--weight", "full_sft", "--lora_weight", "lora_identity", "--to", "hf", "--out", tmp_path / "hf")
     convert(out, "--from", "hf", "--in", tmp_path / "hf", "--weight", "merged")
     merged, _ = load_model(out / "merged_64.pth")
-    assert torch.allclose(logits(merged), logits(model), atol=1e-5)
+    assert torch.allclose(logits(merged, IDS), logits(model, IDS), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- LoRA <-> PEFT
@@ -177,7 +169,7 @@ def test_peft_model_gives_tinymind_logits(out, tmp_path):
     peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "peft", adapter_name="identity").eval()
     peft_model.load_adapter(tmp_path / "med", adapter_name="medical")
     peft_model.base_model.set_adapter(["identity", "medical"])
-    assert torch.allclose(logits(peft_model), logits(model), atol=1e-4)
+    assert torch.allclose(logits(peft_model, IDS), logits(model, IDS), atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- MiniMind -> TinyMind
@@ -208,7 +200,7 @@ def test_minimind_state_dict_imports_with_the_original_logits(out, tmp_path, qk_
     convert(out, "--from", "minimind", "--in", tmp_path / "full_sft_64.pth", "--weight", "mm_sft", *flags)
     mm, ckpt = load_model(out / "mm_sft_64.pth")
     assert ckpt["stage"] == "sft" and mm.config.qk_norm == qk_norm
-    assert torch.equal(logits(mm), logits(model))
+    assert torch.equal(logits(mm, IDS), logits(model, IDS))
 
 
 def test_minimind_lora_imports_with_scaling_one(out, tmp_path):
@@ -233,7 +225,7 @@ def test_minimind_lora_imports_with_scaling_one(out, tmp_path):
     assert obj["lora_config"]["targets"] == "q_proj,o_proj"
     mm, _ = load_model(out / "mm_sft_64.pth")
     load_lora(mm, out / "mm_medical_64.pth")
-    assert torch.allclose(logits(mm), logits(reference), atol=1e-5)
+    assert torch.allclose(logits(mm, IDS), logits(reference, IDS), atol=1e-5)
 
 
 def test_minimind3_preset_matches_minimind3():
@@ -331,6 +323,7 @@ def test_refusals_of_minimind_files(out, tmp_path, capsys, monkeypatch):
     assert not out.exists() or not list(out.glob("mm*"))
 
 
+@pytest.mark.slow   # subprocesses
 def test_cli_runs_from_its_own_folder_and_fails_in_one_line(tmp_path):
     r = subprocess.run([sys.executable, "convert_model.py", "--from", "minimind", "--in", str(tmp_path / "no.pth")],
                        cwd=ROOT / "scripts", capture_output=True, text=True)

@@ -8,7 +8,7 @@ Checks, over docs/*.md and README.md / README_zh.md:
 - every code block marked ``<!-- code: path -->`` quotes that file verbatim: each of its lines (stripped)
   is a line of the file, in the same order (a line ``...`` marks an elision);
 - every local link and image in the docs points to a file that exists;
-- the tables between ``<!-- doc_numbers:NAME -->`` markers equal what scripts/doc_numbers.py prints
+- the tables in ``<!-- doc_numbers:NAME -->`` blocks (tools/doc_blocks.py) equal what dev/doc_numbers.py prints
   (parameter counts and LoRA percentages computed from the code);
 - the evaluation tables in docs/04-lora.md and README.md equal the committed report
   docs/results/eval_report.md, row for row.
@@ -33,7 +33,6 @@ LINE_COUNT = re.compile(r"[（(]\s*`?([\w./-]+\.\w+)`?\s*[，,]\s*约?\s*(\d+)\s
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 # <!-- code: model/model_lora.py --> right before a fenced block: the block quotes that file.
 QUOTE = re.compile(r"<!-- code: ([\w./-]+) -->\s*\n```\w*\n(.*?)```", re.S)
-BLOCK = re.compile(r"<!-- doc_numbers:(\w+) -->\n(.*?)<!-- /doc_numbers:\1 -->", re.S)
 LINE_TOLERANCE = 0.10
 
 
@@ -186,19 +185,21 @@ def test_local_links_and_images_exist():
 
 
 def test_doc_number_tables_match_the_code():
-    """Tables of parameter counts in the docs are exactly what scripts/doc_numbers.py computes."""
-    from scripts.doc_numbers import render_blocks
+    """Tables of parameter counts in the docs are exactly what dev/doc_numbers.py computes."""
+    from conftest import dev_script
+    from tools.doc_blocks import find_blocks
 
-    blocks = render_blocks()
+    doc_numbers = dev_script("doc_numbers")
+    blocks = doc_numbers.render_blocks()
     found, problems = set(), []
     for doc in doc_files():
-        for name, body in BLOCK.findall(doc.read_text(encoding="utf-8")):
+        for name, body in find_blocks(doc.read_text(encoding="utf-8"), doc_numbers.SOURCE, rel(doc)):
             found.add(name)
             if name not in blocks:
                 problems.append(f"{rel(doc)}: unknown block doc_numbers:{name} (known: {sorted(blocks)})")
             elif body.strip() != blocks[name].strip():
                 problems.append(f"{rel(doc)}: block doc_numbers:{name} differs from the code; "
-                                f"run `python scripts/doc_numbers.py --update`")
+                                f"run `python dev/doc_numbers.py --update`")
     assert found, "no <!-- doc_numbers:... --> blocks in the docs"
     assert not problems, "\n  ".join(problems)
 
@@ -267,11 +268,11 @@ def bench_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
 @pytest.mark.parametrize("doc", ["README.md", "docs/04-lora.md", "docs/05-inference-and-chat.md",
                                  "docs/06-evaluation.md"])
 def test_printed_bench_tables_equal_the_committed_bench_json(doc):
-    """Every performance table is rows of docs/results/bench.json as ``scripts/bench.py --render`` prints
+    """Every performance table is rows of docs/results/bench.json as ``dev/bench.py --render`` prints
     them (a doc may quote some of the rows), and the doc quotes that run's machine, command and date."""
-    from scripts.bench import render_file
+    from conftest import dev_script
 
-    rendered = render_file(RESULTS / "bench.json")
+    rendered = dev_script("bench").render_file(RESULTS / "bench.json")
     (header, rows), = bench_tables(rendered)
     meta = rendered.strip().splitlines()[-1]
     text = (ROOT / doc).read_text(encoding="utf-8")
@@ -281,5 +282,5 @@ def test_printed_bench_tables_equal_the_committed_bench_json(doc):
     for shown_header, shown_rows in printed:
         assert shown_header == header, f"{doc}: bench table header {shown_header} is not {header}"
         stale = [r for r in shown_rows if r not in rows]
-        assert not stale, f"{doc}: rows not in docs/results/bench.json (python scripts/bench.py --render " \
+        assert not stale, f"{doc}: rows not in docs/results/bench.json (python dev/bench.py --render " \
                           f"docs/results/bench.json prints the current ones): {stale}"

@@ -1,13 +1,10 @@
-"""scripts/embedding_health.py: the collapse measure on a hand-made embedding and on a saved checkpoint."""
-import sys
-from pathlib import Path
-
+"""dev/embedding_health.py: the collapse measure on a hand-made embedding and on a saved checkpoint."""
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from conftest import dev_script
 from model.model import TinyMindForCausalLM, get_config, save_model
-from scripts import embedding_health as H
+
+H = dev_script("embedding_health")
 
 
 def test_max_cosine_finds_collapsed_rows():

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import eval_llm
+from conftest import randomize_lora_B
 from model.common import ROOT, TinyMindError, run_main
 from model.model import get_config, load_model, save_model, TinyMindForCausalLM
-from model.model_lora import apply_lora, lora_modules, save_lora
+from model.model_lora import apply_lora, save_lora
 from model.tokenizer import SPECIAL_TOKENS, TinyMindTokenizer
 
 H = get_config("smoke").hidden_size
@@ -36,8 +37,7 @@ def random_lora(checkpoint, path, name, **cfg):
     """A LoRA file whose B is random (non-zero), so the adapter really changes the model."""
     model, _ = load_model(checkpoint)
     apply_lora(model, adapter_name=name, **cfg)
-    for _, m in lora_modules(model):
-        torch.nn.init.normal_(m.lora_B[name], std=0.5)
+    randomize_lora_B(model, name, std=0.5)
     save_lora(model, path, adapter_name=name)
 
 
@@ -70,7 +70,7 @@ def session(world, *args):
 
 
 def test_prompt_answers_once(world, capsys):
-    assert run(world, "--weight", "full_sft", "--prompt", "你好") == 0
+    run(world, "--weight", "full_sft", "--prompt", "你好")
     out, err = capsys.readouterr()
     assert f"full_sft_{H}.pth: stage sft" in err and "tokens/s" in err
     streamed = out
@@ -157,7 +157,7 @@ def test_pretrain_checkpoint_continues_text(world, capsys, monkeypatch):
     def no_template(*a, **k):
         raise AssertionError("chat template used")
     monkeypatch.setattr(TinyMindTokenizer, "apply_chat_template", no_template)
-    assert run(world, "--weight", "pretrain", "--prompt", "你好") == 0
+    run(world, "--weight", "pretrain", "--prompt", "你好")
     assert "stage pretrain" in capsys.readouterr().err
     s = session(world, "--weight", "pretrain")
     assert s.prompt_ids("你好") == [s.tok.bos_id] + s.tok.encode("你好")
@@ -211,7 +211,12 @@ def test_chat_exits_cleanly_on_eof_and_ctrl_c(world, monkeypatch, capsys, stop):
         raise stop
     monkeypatch.setattr(builtins, "input", fake_input)
     monkeypatch.setattr(sys, "stdin", type("TTY", (io.StringIO,), {"isatty": lambda self: True})())
-    assert run(world) == 0
+    run(world)   # returns normally: no traceback, no exception
+    out, err = capsys.readouterr()
+    banner = "TinyMind chat (history"
+    assert out.startswith(banner) and out.count("\n") == (2 if stop is EOFError else 1)
+    # the shell prompt that follows starts on a line of its own: Ctrl-D ends stdout, Ctrl-C stderr with a newline
+    assert out.endswith("\n\n") == (stop is EOFError) and err.endswith("\n\n") == (stop is KeyboardInterrupt)
 
 
 def test_auto_mode_runs_every_demo_prompt(world, capsys):

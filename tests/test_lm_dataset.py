@@ -27,12 +27,6 @@ CONV = [{"role": "system", "content": "You are TinyMind."},
         {"role": "assistant", "content": "1+1=2。"}]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return TinyMindTokenizer(train_bpe(DOCS + [m["content"] for m in CONV] + ["system", "user", "assistant"],
-                                       vocab_size=500))
-
-
 def write_jsonl(path, rows):
     with open(path, "wb") as f:
         for r in rows:

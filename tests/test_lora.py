@@ -1,4 +1,4 @@
-"""Tests for model/model_lora.py and scripts/merge_lora.py.
+"""Tests for model/model_lora.py (and the files beside it: lora_fused, lora_file, lora_adapters) and scripts/merge_lora.py.
 
 LoRA configs use alpha != r and adapters get a random non-zero B, so a wrong scaling or a forgotten
 adapter cannot hide behind B = 0.
@@ -7,49 +7,21 @@ import copy
 
 import pytest
 import torch
-from conftest import build_model
+from conftest import LORA_CFG as CFG, build_model, logits, lora_model, randomize_lora_B, tokens
 import torch.nn as nn
 
 from model.common import TinyMindError, atomic_save, safe_load
-from model.model import TinyMindForCausalLM, get_config, load_model, save_model
-from model.model_lora import (LoRAConfig, LoRAEmbedding, LoRALinear, adapter_names, apply_lora, base_state_dict, combine_adapters,
-                              disable_adapters, load_lora, lora_modules, merge_lora, save_lora, set_active_adapters,
-                              unmerge_lora)
+from model.model import load_model, save_model
+import model.lora_variants  # noqa: F401  (registers the variants some tests use)
+from model.lora_adapters import combine_adapters, disable_adapters, set_active_adapters
+from model.lora_fused import FusedLoRA, fused_applies, use_plain_loop
+from model.model_lora import (LoRAConfig, LoRAEmbedding, LoRALinear, adapter_names, apply_lora, base_state_dict,
+                              load_lora, lora_modules, merge_lora, save_lora, unmerge_lora)
 
-CFG = dict(rank=4, alpha=12.0)   # scaling 3: alpha != r on purpose
 ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 make_model = build_model  # a seeded smoke-sized model (tests/conftest.py)
-
-
-def randomize_B(model, name="default", seed=1, std=0.05):
-    """A non-zero update (a zero one would hide a wrong mapping): random B, and on an embedding, whose
-    A starts at zero, random A too."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, m in lora_modules(model):
-            if name in m.lora_B:
-                m.lora_B[name].copy_(torch.randn(m.lora_B[name].shape, generator=g) * std)
-            if name in m.lora_A and isinstance(m, LoRAEmbedding):
-                m.lora_A[name].copy_(torch.randn(m.lora_A[name].shape, generator=g))
-
-
-def tokens(seed=0, B=2, T=12, vocab=None):
-    vocab = vocab or get_config("smoke").vocab_size
-    return torch.randint(3, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
-
-
-def lora_model(seed=0, name="default", b_seed=1, **cfg):
-    model = make_model(seed)
-    apply_lora(model, adapter_name=name, **{**CFG, **cfg})
-    randomize_B(model, name, seed=b_seed)
-    return model
 
 
 # ---------------------------------------------------------------------------- the layer itself
@@ -156,7 +128,7 @@ def test_targets_on_gqa_kv_and_mlp_have_the_right_shapes():
     k, d = model.model.layers[1].self_attn.k_proj, model.model.layers[1].mlp.down_proj
     assert k.lora_A["default"].shape == (4, cfg.hidden_size) and k.lora_B["default"].shape == (kv_out, 4)
     assert d.lora_A["default"].shape == (4, cfg.intermediate_size) and d.lora_B["default"].shape == (cfg.hidden_size, 4)
-    randomize_B(model)
+    randomize_lora_B(model)
     y = logits(model, x)
     merge_lora(model)
     torch.testing.assert_close(logits(model, x), y, rtol=0, atol=1e-5)
@@ -272,7 +244,7 @@ def test_load_refuses_missing_unknown_and_misshapen_keys_and_non_lora_files(tmp_
 def test_combined_adapter_equals_weighted_sum_of_deltas(tmp_path):
     model, x = lora_model(name="a", targets="q_proj,v_proj,down_proj"), tokens()
     apply_lora(model, adapter_name="b", rank=2, alpha=5.0, targets="v_proj,k_proj", use_rslora=True)
-    randomize_B(model, "b", seed=2)
+    randomize_lora_B(model, "b", seed=2)
     both = logits(model, x)                                         # a and b active: their sum
     combine_adapters(model, ["a", "b"], [1.0, 1.0], "ab")
     torch.testing.assert_close(logits(model, x), both, rtol=0, atol=1e-5)
@@ -300,7 +272,7 @@ def test_embedding_lora_starts_at_zero_is_a_lookup_and_leaves_the_tied_head_froz
     assert info["trainable"] == CFG["rank"] * (V + d)                      # A [r, vocab], B [dim, r]
     assert torch.equal(logits(model, x), base)                             # A = 0: exactly the base model
     assert model.lm_head.weight is emb.base.weight                         # still one tied matrix
-    randomize_B(model)
+    randomize_lora_B(model)
     E, A, B = emb.base.weight, emb.lora_A["default"], emb.lora_B["default"]
     want = (E + 3.0 * (B @ A).t())[x]                                       # E'[i] = E[i] + s * B @ A[:, i]
     torch.testing.assert_close(emb(x), want, rtol=0, atol=1e-6)
@@ -333,7 +305,7 @@ def test_embedding_lora_merges_untied_saves_plain_and_unmerges_to_the_same_tenso
 def test_embedding_lora_files_combine_and_linear_only_variants_refuse(tmp_path):
     model, x = lora_model(name="a", targets="embed_tokens,v_proj"), tokens()
     apply_lora(model, adapter_name="b", rank=2, alpha=2.0, targets="embed_tokens,up_proj")
-    randomize_B(model, "b", seed=2)
+    randomize_lora_B(model, "b", seed=2)
     both = logits(model, x)
     fresh = make_model()
     for n in ("a", "b"):
@@ -355,7 +327,7 @@ def test_set_active_and_disable_adapters():
     base = logits(make_model(), x)
     only_a = logits(model, x)
     apply_lora(model, adapter_name="b", **CFG)
-    randomize_B(model, "b", seed=2)
+    randomize_lora_B(model, "b", seed=2)
     set_active_adapters(model, "a")
     assert torch.equal(logits(model, x), only_a)
     set_active_adapters(model, ["a", "b"])
@@ -382,8 +354,7 @@ def test_set_active_and_disable_adapters():
 # ---------------------------------------------------------------------------- the fused path (FusedLoRA)
 
 def loss_and_grads(model, x, fused):
-    for _, m in lora_modules(model):
-        m.fused = fused
+    use_plain_loop((m for _, m in lora_modules(model)), plain=not fused)
     model.zero_grad(set_to_none=True)
     loss = model(x, labels=x).loss
     loss.backward()
@@ -393,7 +364,7 @@ def loss_and_grads(model, x, fused):
 def test_fused_lora_gives_the_loops_loss_and_gradients():
     model, x = lora_model(), tokens(T=40)                 # 80 rows: every layer of smoke takes the fused path
     model.train()
-    assert all(m.fused_applies(torch.zeros(80, m.in_features)) for _, m in lora_modules(model))
+    assert all(fused_applies(m, torch.zeros(80, m.in_features)) for _, m in lora_modules(model))
     loss, grads = loss_and_grads(model, x, fused=False)
     loss_f, grads_f = loss_and_grads(model, x, fused=True)
     assert model(x, labels=x).loss.grad_fn is not None
@@ -404,13 +375,11 @@ def test_fused_lora_gives_the_loops_loss_and_gradients():
     with torch.no_grad():                                  # evaluation: one product with W + s B A
         model.eval()
         fused_logits = model(x).logits
-        for _, m in lora_modules(model):
-            m.fused = False
+        use_plain_loop(m for _, m in lora_modules(model))
         torch.testing.assert_close(fused_logits, model(x).logits, rtol=0, atol=1e-5)
 
 
 def test_fused_lora_backward_is_the_chain_rule_in_fp64():
-    from model.model_lora import FusedLoRA
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
     W = torch.randn(7, 6, dtype=torch.float64, generator=g)
@@ -425,30 +394,31 @@ def test_fused_lora_only_where_it_computes_the_same_function():
     model = lora_model(dropout=0.1)
     layer = model.model.layers[0].self_attn.q_proj
     many, few = torch.zeros(64, 64), torch.zeros(8, 64)     # 64 x 64: fused from 32 rows on
-    assert layer.fused_applies(many) and not layer.fused_applies(few)   # one decoded token: the thin products
+    assert fused_applies(layer, many) and not fused_applies(layer, few)   # one decoded token: the thin products
     layer.train()
-    assert not layer.fused_applies(many)                   # dropout at work on the branch's input
+    assert not fused_applies(layer, many)                   # dropout at work on the branch's input
     layer.eval()
     layer.base.weight.requires_grad_(True)
-    assert not layer.fused_applies(many)                   # W trains too: it would need dW
+    assert not fused_applies(layer, many)                   # W trains too: it would need dW
     layer.base.weight.requires_grad_(False)
-    assert not layer.fused_applies(many.bfloat16())        # bf16: W + s B A would round small updates away
+    assert not fused_applies(layer, many.bfloat16())        # bf16: W + s B A would round small updates away
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not layer.fused_applies(many)
+        assert not fused_applies(layer, many)
     layer.merge()
-    assert not layer.fused_applies(many)                   # merged: base(x) is the whole function
+    assert not fused_applies(layer, many)                   # merged: base(x) is the whole function
     layer.unmerge()
     two = lora_model(seed=0)
     apply_lora(two, adapter_name="second", **CFG)
     set_active_adapters(two, ["default", "second"])
-    assert not two.model.layers[0].self_attn.q_proj.fused_applies(many)
+    assert not fused_applies(two.model.layers[0].self_attn.q_proj, many)
     dora = make_model()
     apply_lora(dora, variant="dora", **CFG)
-    assert not dora.model.layers[0].self_attn.q_proj.fused_applies(many)
+    assert not fused_applies(dora.model.layers[0].self_attn.q_proj, many)
 
 
 # ---------------------------------------------------------------------------- compile, DDP, merge script
 
+@pytest.mark.slow   # torch.compile
 @pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile unavailable")
 @pytest.mark.parametrize("T", [12, 40])   # 12: the loop in LoRALinear.forward; 40: FusedLoRA
 def test_compiled_model_gives_the_same_output_and_gradients(T):

@@ -9,9 +9,9 @@ import copy
 import pytest
 import torch
 
+from conftest import lora_model, tokens   # lora_model: rank 4, alpha 12 (alpha != r: a forgotten s shows)
 from model.common import DeviceContext
-from model.model import TinyMindForCausalLM, get_config
-from model.model_lora import apply_lora, lora_modules, merge_lora, unmerge_lora
+from model.model_lora import lora_modules, merge_lora, unmerge_lora
 from model.lora_variants.delta_lora import DeltaLoRAHook
 from model.lora_variants.lora_drop import lora_output_scores, reset_adapter, select_layers, share_lora
 from model.lora_variants.lora_fa import LoRAFAHook, freeze_lora_A, lora_fa_grad
@@ -20,19 +20,9 @@ from model.lora_variants.lora_pro import LoRAProHook, lora_pro_grads, solve_sylv
 from model.train_hook import TrainHook
 from trainer.train_loop import build_optimizer, set_lr, update_weights
 
-CFG = dict(rank=4, alpha=12.0)   # scaling 3: alpha != r, so a forgotten s shows
-
-
-def lora_model(seed=0, **cfg):
-    torch.manual_seed(seed)
-    model = TinyMindForCausalLM(get_config("smoke"))
-    apply_lora(model, **{**CFG, **cfg})
-    return model
-
 
 def batch(seed=0, B=2, T=12):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(3, get_config("smoke").vocab_size, (B, T), generator=g)
+    x = tokens(seed, B, T)
     return x, x.clone()
 
 
@@ -227,7 +217,7 @@ def test_delta_lora_refuses_dropout():
 # ----------------------------------------------------------------------------- LoRA-drop
 
 def test_lora_drop_scores_on_hand_set_delta_w():
-    model = lora_model()
+    model = lora_model(b_seed=None)                     # B = 0 except on the two layers set below
     layers = dict(lora_modules(model))
     q0, v1 = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
     g = torch.Generator().manual_seed(3)

@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import build_model
+from conftest import build_model, logits, tokens
 from model.common import TinyMindError
 from model.lora_variants import TrainSetup, get_variant
 from model.lora_variants.adalora import AdaLoRABudget, orthogonal_penalty
 from model.lora_variants.qlora import NF4_CODE, NF4Linear, dequantize_nf4, quantize_nf4
-from model.model import get_config
-from model.model_lora import (LoRAConfig, adapter_names, apply_lora, combine_adapters, load_lora, lora_modules,
-                              merge_lora, save_lora, unmerge_lora)
+from model.lora_adapters import combine_adapters
+from model.model_lora import (LoRAConfig, adapter_names, apply_lora, load_lora, lora_modules, merge_lora, save_lora,
+                              unmerge_lora)
 
 OPTIONS = {"pissa": {"niter": 0}, "qlora": {"block_size": 64, "double_quant": 0},
            "lora_ga": {"batches": 2, "stable_gamma": 16.0}, "vera": {"d_initial": 0.1, "seed": 0},
@@ -28,17 +28,7 @@ MINE = ("dora", "vera", "pissa", "olora", "lora_ga", "qlora", "adalora")
 RESIDUAL = ("pissa", "olora", "lora_ga")
 
 
-def make_model(seed=0):
-    return build_model(seed)
-
-
-def tokens(seed=0, B=2, T=12):
-    return torch.randint(3, get_config("smoke").vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model, x):
-    with torch.no_grad():
-        return model(x).logits
+make_model = build_model  # a seeded smoke-sized model (tests/conftest.py)
 
 
 class FakeCtx:
@@ -218,15 +208,20 @@ def test_lora_ga_init_follows_the_gradient():
 
 # ---------------------------------------------------------------------------- QLoRA / NF4
 
-# bitsandbytes' NF4 table (functional.py, get_4bit_type("nf4")), typed here so the test needs no bitsandbytes
-BNB_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-           -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-           0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-           0.7229568362236023, 1.0]
-
-
-def test_nf4_code_book_is_bitsandbytes():
-    assert NF4_CODE.tolist() == BNB_NF4
+def test_nf4_code_book_is_the_qlora_construction():
+    """NF4 as QLoRA builds it (arXiv 2305.14314; bitsandbytes' create_normal_map): 8 quantiles of N(0, 1) at
+    probabilities linspace(delta, 1/2, 9)[:-1], minus 7 at linspace(delta, 1/2, 8)[:-1], and an exact 0, sorted
+    and divided by the largest; delta halfway between 1 - 1/(2*15) and 1 - 1/(2*16) (0.9677083)."""
+    normal = torch.distributions.Normal(0.0, 1.0)
+    delta = 0.5 * ((1 - 1 / (2 * 15)) + (1 - 1 / (2 * 16)))
+    positive = normal.icdf(torch.linspace(delta, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -normal.icdf(torch.linspace(delta, 0.5, 8, dtype=torch.float64)[:-1])
+    code = torch.cat([negative, torch.zeros(1, dtype=torch.float64), positive]).sort().values
+    code = code / code.max()
+    torch.testing.assert_close(NF4_CODE.double(), code, rtol=0, atol=1e-6)   # fp32 rounding: ~2e-7
+    assert NF4_CODE.dtype == torch.float32 and NF4_CODE.shape == (16,)
+    assert NF4_CODE[0] == -1.0 and NF4_CODE[-1] == 1.0 and (NF4_CODE == 0).sum() == 1   # exact ends and zero
+    assert (NF4_CODE[1:] > NF4_CODE[:-1]).all()
 
 
 def test_nf4_code_book_equals_installed_bitsandbytes():

@@ -1,4 +1,4 @@
-"""scripts/run_pipeline.py and scripts/evaluate.py.
+"""scripts/run_pipeline.py, scripts/evaluate.py and its scoring (tools/scoring.py).
 
 - scoring on a fixture whose scores are known (keyword QA, identity shares, per-kind accuracy);
 - evaluate_model with a stand-in model that answers from a table: exact expected scores;
@@ -12,7 +12,9 @@ import torch
 
 from model.common import TinyMindError, atomic_save, safe_load
 from scripts import evaluate as E
+from tools import scoring
 from scripts import run_pipeline as P
+from conftest import dev_script
 
 QA = [{"question": "小明的职业是什么？", "answers": ["医生"], "kind": "a"},
       {"question": "小红住在哪里？", "answers": ["北京", "京城"], "kind": "a"},
@@ -25,10 +27,10 @@ IDENT = [{"question": "你是谁？", "base_names": ["TinyMind"], "new_names": [
 
 
 def test_scoring_on_a_known_fixture():
-    s = E.score_qa(QA, ["他是一名医生。", "她住在京城。", "猫爱吃老鼠。", "不知道"])
+    s = scoring.score_qa(QA, ["他是一名医生。", "她住在京城。", "猫爱吃老鼠。", "不知道"])
     assert s["accuracy"] == 0.5 and s["n"] == 4
     assert s["by_kind"] == {"a": {"accuracy": 1.0, "n": 2}, "b": {"accuracy": 0.0, "n": 2}}
-    i = E.score_identity(IDENT, ["我是tinymind。", "我是知微。", "我是知微，不是TinyMind", "你好"])
+    i = scoring.score_identity(IDENT, ["我是tinymind。", "我是知微。", "我是知微，不是TinyMind", "你好"])
     assert i == {"base_share": 0.5, "new_share": 0.5, "n": 4}
 
 
@@ -59,7 +61,7 @@ def test_evaluate_model_gives_the_expected_scores():
     replies = {"小明的职业是什么？": "医生", "小红住在哪里？": "上海", "猫吃什么？": "鱼", "狗会做什么？": "看家",
                "你是谁？": "我是知微", "你叫什么？": "我是TinyMind", "介绍一下你自己": "知微", "谁做了你？": "不告诉你"}
     sets = {"general_qa": QA, "identity": IDENT}
-    res = E.evaluate_model(TableModel(tok, replies), tok, sets, "cpu", batch_size=3)
+    res = scoring.evaluate_model(TableModel(tok, replies), tok, sets, "cpu", batch_size=3)
     assert res["general_qa"]["accuracy"] == 0.75
     assert res["identity"]["new_share"] == 0.5 and res["identity"]["base_share"] == 0.25
     assert res["heldout"]["loss"] == pytest.approx(1.0)
@@ -71,9 +73,9 @@ def test_evaluate_model_gives_the_expected_scores():
 def test_bad_eval_file_is_one_clear_error(tmp_path):
     (tmp_path / "general_qa.jsonl").write_text('{"question": "a", "answers": ["b"]}\n{oops\n', encoding="utf-8")
     with pytest.raises(TinyMindError, match="general_qa.jsonl line 2"):
-        E.load_eval_sets(tmp_path)
+        scoring.load_eval_sets(tmp_path)
     with pytest.raises(TinyMindError, match="no evaluation sets"):
-        E.load_eval_sets(tmp_path / "empty")
+        scoring.load_eval_sets(tmp_path / "empty")
 
 
 FAST = {"pretrain": ["--max_steps", "3", "--batch_size", "4", "--max_seq_len", "64"],
@@ -104,6 +106,7 @@ def test_tiny_stages_are_the_scripts_defaults(tmp_path):
         assert ("--seed" in cmd and cmd[cmd.index("--seed") + 1] == "7") == (stage != "eval"), stage
 
 
+@pytest.mark.slow   # the whole chain, trained
 def test_pipeline_end_to_end_and_resume_of_an_interrupted_stage(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(P.STAGES, "smoke", FAST)
     report = P.main(["--preset", "smoke", "--save_dir", str(tmp_path), "--device", "cpu"])
@@ -133,7 +136,7 @@ def test_pipeline_rejects_unknown_stage(tmp_path):
 
 
 def test_compare_runs_reports_each_seed_and_the_spread(tmp_path, capsys):
-    from scripts import compare_runs
+    compare_runs = dev_script("compare_runs")
     for name, g, m in (("seed42", 0.80, 0.70), ("seed1", 0.76, 0.75)):
         (tmp_path / name).mkdir()
         rows = [{"variant": "SFT", "general_qa": g, "identity_new": 0.0, "identity_base": 1.0, "medical_qa": 0.02},

@@ -61,10 +61,12 @@ def wait_for_log(api_server, line_matches, what, seconds=30):
         time.sleep(0.02)
 
 
+@pytest.mark.slow   # the server of the trained smoke checkpoint (trained once per session)
 def test_models_lists_the_base_and_every_adapter_set(client):
     assert [m.id for m in client.models.list().data] == MODELS
 
 
+@pytest.mark.slow   # the server of the trained smoke checkpoint (trained once per session)
 def test_plain_and_streamed_replies(client, api_server):
     r = client.chat.completions.create(model="full_sft+lora_identity", temperature=0, max_tokens=24,
                                        messages=[{"role": "system", "content": "你是一个助手"},
@@ -86,6 +88,7 @@ def test_plain_and_streamed_replies(client, api_server):
                  and x.endswith("stream"), "the streamed request")
 
 
+@pytest.mark.slow   # the server of the trained smoke checkpoint (trained once per session)
 @pytest.mark.parametrize("model,lora", [("full_sft", []), ("full_sft+lora_identity", ["--lora_weight", "lora_identity"])])
 def test_temperature_0_equals_eval_llm_prompt(client, trained_smoke, capsys, model, lora):
     d, tok_path = trained_smoke
@@ -95,6 +98,7 @@ def test_temperature_0_equals_eval_llm_prompt(client, trained_smoke, capsys, mod
     assert ask(client, model, "你是谁？") + "\n" == expected
 
 
+@pytest.mark.slow   # the server of the trained smoke checkpoint (trained once per session)
 def test_model_field_switches_the_adapters(client):
     base = ask(client, "full_sft", "你是谁？")
     assert ask(client, "full_sft+lora_identity", "你是谁？") == IDENTITY_ANSWER
@@ -103,6 +107,7 @@ def test_model_field_switches_the_adapters(client):
     assert ask(client, "full_sft", "你是谁？") == base   # back to the plain base model
 
 
+@pytest.mark.slow   # the server of the trained smoke checkpoint (trained once per session)
 def test_every_error_status_and_the_next_request_works(client, api_server):
     good = json.dumps({"model": "full_sft", "messages": [{"role": "user", "content": "你好"}], "max_tokens": 4})
     cases = [  # (method, path, body, status, words in the message)
@@ -138,6 +143,7 @@ def test_every_error_status_and_the_next_request_works(client, api_server):
     wait_for_log(api_server, lambda x: " 413 " in x and "request body is 30000 bytes" in x, "the 413")
 
 
+@pytest.mark.slow   # the server of the trained smoke checkpoint (trained once per session)
 def test_a_bug_is_a_500_and_the_server_goes_on(client, api_server, monkeypatch):
     def broken(req, on_text=None):
         raise RuntimeError("boom")
@@ -151,6 +157,7 @@ def test_a_bug_is_a_500_and_the_server_goes_on(client, api_server, monkeypatch):
     assert status == 200 and "<title>TinyMind</title>" in page
 
 
+@pytest.mark.slow   # the server of the trained smoke checkpoint (trained once per session)
 def test_sixteen_concurrent_requests(client):
     questions = [(m, q) for m in MODELS for q in ("你是谁？", "感冒应该挂什么科？")]
     expected = {(m, q): ask(client, m, q, max_tokens=12) for m, q in questions}
@@ -170,6 +177,7 @@ def test_sixteen_concurrent_requests(client):
         assert text == expected[key], key
 
 
+@pytest.mark.slow   # the server of the trained smoke checkpoint (trained once per session)
 def test_a_client_dropping_a_stream_does_not_stop_the_server(client, api_server):
     host, port = api_server[0].server_address[:2]
     body = json.dumps({"model": "full_sft", "stream": True, "max_tokens": 400, "temperature": 1.0, "seed": 1,
@@ -183,6 +191,7 @@ def test_a_client_dropping_a_stream_does_not_stop_the_server(client, api_server)
     assert ask(client, "full_sft+lora_identity", "你是谁？") == IDENTITY_ANSWER
 
 
+@pytest.mark.slow   # the server of the trained smoke checkpoint (trained once per session)
 def test_a_connection_reset_is_no_traceback(client, api_server, capsys):
     host, port = api_server[0].server_address[:2]
     s = socket.create_connection((host, port), timeout=30)
@@ -194,6 +203,7 @@ def test_a_connection_reset_is_no_traceback(client, api_server, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.slow   # the server of the trained smoke checkpoint (trained once per session)
 def test_default_adapters_are_the_lora_files_for_this_base(trained_smoke, tmp_path):
     d, tok_path = trained_smoke
     for name in ("full_sft_64.pth", "lora_identity_64.pth"):
@@ -223,6 +233,7 @@ def test_default_adapters_are_the_lora_files_for_this_base(trained_smoke, tmp_pa
         models("--device", "foo")
 
 
+@pytest.mark.slow   # the server of the trained smoke checkpoint (trained once per session)
 def test_a_busy_port_is_one_clear_error(api_server, trained_smoke):
     d, tok_path = trained_smoke
     port = api_server[0].server_address[1]
@@ -252,6 +263,7 @@ def test_request_validation_of_the_sampling_fields():
             parse(**bad)
 
 
+@pytest.mark.slow   # the server of the trained smoke checkpoint (trained once per session)
 def test_command_line_from_its_own_folder_and_ctrl_c(trained_smoke, capsys):
     d, tok_path = trained_smoke
     # A shell that starts jobs in the background hands them SIGINT ignored, and a Python started that way

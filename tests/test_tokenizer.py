@@ -3,18 +3,10 @@ import json
 
 import pytest
 
+from conftest import TOKENIZER_CORPUS as CORPUS   # what the session tokenizer ``tok`` was trained on
 from model.common import ROOT, TinyMindError
-from model.tokenizer import SPECIAL_TOKENS, TinyMindTokenizer, load_tokenizer
+from model.tokenizer import SPECIAL_TOKENS, load_tokenizer
 from trainer import train_tokenizer
-from trainer.train_tokenizer import train_bpe
-
-CORPUS = [
-    "你好，我是TinyMind，一个从零开始训练的小型语言模型。",
-    "中国的首都是北京。多喝水，早睡早起，身体好。",
-    "The capital of France is Paris. Language models predict the next token.",
-    "Numbers: 3.14159, 2024-05-01, 1234567890, x = 42 * 7",
-    "def add(a, b):\n    return a + b\n",
-] * 20
 
 ROUND_TRIP = {
     "chinese": "人工智能是计算机科学的一个分支，研究如何让机器理解语言。",
@@ -25,11 +17,6 @@ ROUND_TRIP = {
     "whitespace": "  leading spaces\n\n\ttabs\r\nwindows line\u3000全角空格 trailing  ",
     "unseen_script": "Ελληνικά русский 日本語のテキスト 한국어 עברית",
 }
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return TinyMindTokenizer(train_bpe(CORPUS, vocab_size=500))
 
 
 def test_special_ids(tok):

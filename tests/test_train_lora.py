@@ -9,31 +9,11 @@ import torch
 from model.common import safe_load
 from model.model import load_model
 from model.model_lora import base_state_dict, load_lora
-from conftest import assert_bitwise_equal, expect_user_error, make_workspace, quiet, save_smoke_sft, snapshot
+from conftest import assert_bitwise_equal, expect_user_error, lora_argv, quiet, snapshot, with_base
 from trainer import train_lora, train_loop, trainer_utils
 
 
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    """Workspace + a smoke full_sft checkpoint (random weights are enough for LoRA to learn on)."""
-    ws = make_workspace(tmp_path_factory.mktemp("lora_ws"))
-    ws["sft_ckpt"] = save_smoke_sft(ws, ws["root"] / "base" / "full_sft_64.pth")
-    return ws
-
-
-def lora_argv(ws, save_dir, *extra):
-    return ["--data_path", ws["sft"], "--tokenizer_path", ws["tok"], "--save_dir", str(save_dir),
-            "--device", "cpu", "--max_seq_len", "64", "--batch_size", "8", "--learning_rate", "5e-3",
-            "--lora_rank", "4", "--lora_alpha", "8", "--log_interval", "4", "--eval_interval", "0", *map(str, extra)]
-
-
-def with_base(ws, tmp_path, name="out"):
-    d = tmp_path / name
-    d.mkdir()
-    (d / "full_sft_64.pth").write_bytes(ws["sft_ckpt"].read_bytes())
-    return d
-
-
+@pytest.mark.slow   # trains
 def test_lora_trains_only_adapters_and_file_loads(ws, tmp_path, monkeypatch):
     out = with_base(ws, tmp_path)
     captured = {}
@@ -75,6 +55,7 @@ def test_lora_trains_only_adapters_and_file_loads(ws, tmp_path, monkeypatch):
         assert not torch.allclose(model(x).logits, base_logits)
 
 
+@pytest.mark.slow   # trains
 def test_lora_resume_exact_and_refuses_other_rank(ws, tmp_path, monkeypatch, capsys):
     argv = ["--epochs", 2, "--max_steps", 20]
     straight, cut = with_base(ws, tmp_path, "straight"), with_base(ws, tmp_path, "cut")

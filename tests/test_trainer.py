@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from conftest import assert_bitwise_equal, expect_user_error, make_workspace, quiet, snapshot, weights
+from conftest import assert_bitwise_equal, expect_user_error, quiet, snapshot, weights
 from model.common import TinyMindError, safe_load, setup_device
 from trainer import train_loop, train_pretrain, train_sft, trainer_utils
 from trainer.resume import epoch_batches, get_rng_states, sample_lengths, set_rng_states, split_indices
@@ -35,11 +35,6 @@ def sft_argv(ws: dict, save_dir, *extra) -> list[str]:
     return ["--data_path", ws["sft"], "--tokenizer_path", ws["tok"], "--save_dir", str(save_dir), "--device", "cpu",
             "--max_seq_len", "64", "--batch_size", "8", "--learning_rate", "2e-3", "--log_interval", "5",
             "--eval_interval", "0", *map(str, extra)]
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    return make_workspace(tmp_path_factory.mktemp("ws"))
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +122,7 @@ def test_setup_device_cpu_and_bad_flags(capsys):
 
 # ------------------------------------------------------------------------------------------ scripts
 
+@pytest.mark.slow   # trains
 def test_pretrain_smoke_files_logs_and_falling_loss(pretrained):
     out, metrics, log = pretrained
     names = {p.name for p in out.iterdir()}
@@ -148,6 +144,7 @@ def test_pretrain_smoke_files_logs_and_falling_loss(pretrained):
     assert (out / "pretrain_64_loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow   # trains
 def test_sft_smoke_starts_from_pretrain(ws, pretrained, tmp_path, capsys):
     shutil.copy(pretrained[0] / "pretrain_64.pth", tmp_path)
     metrics = train_sft.main(sft_argv(ws, tmp_path, "--epochs", 2, "--max_steps", 30))
@@ -162,6 +159,7 @@ def test_sft_smoke_starts_from_pretrain(ws, pretrained, tmp_path, capsys):
     assert train[-1] < train[0] and metrics["val_loss"] is not None
 
 
+@pytest.mark.slow   # trains
 def test_resume_is_bitwise_exact(ws, tmp_path, monkeypatch):
     # 2 epochs x 15 steps (accumulation 2), interrupted by Ctrl-C in the middle of epoch 2.
     argv = ["--epochs", 2, "--accumulation_steps", 2, "--save_interval", 7, "--log_interval", 3]
@@ -190,6 +188,7 @@ def test_resume_is_bitwise_exact(ws, tmp_path, monkeypatch):
     assert steps == list(range(3, 31, 3))  # every interval once, none twice across the interruption
 
 
+@pytest.mark.slow   # needs the pretraining run
 def test_resume_refuses_another_run(ws, pretrained, tmp_path, capsys):
     for f in ("pretrain_64.pth", "pretrain_64_resume.pth"):
         shutil.copy(pretrained[0] / f, tmp_path)
@@ -202,6 +201,7 @@ def test_resume_refuses_another_run(ws, pretrained, tmp_path, capsys):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.slow   # trains
 def test_atomic_save_failure_keeps_previous_file(ws, pretrained, tmp_path, monkeypatch, capsys):
     shutil.copy(pretrained[0] / "pretrain_64.pth", tmp_path)
     before = (tmp_path / "pretrain_64.pth").read_bytes()
@@ -217,6 +217,7 @@ def test_atomic_save_failure_keeps_previous_file(ws, pretrained, tmp_path, monke
     assert not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.slow   # trains
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(ws, tmp_path, monkeypatch, capsys):
     from model import model as model_mod
 
@@ -238,6 +239,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(ws, tmp_path, monkeypatch
     assert_bitwise_equal({k: saved[k] for k in resume["model"]}, resume["model"])
 
 
+@pytest.mark.slow   # needs the pretraining run
 def test_bad_input_exits_2_and_overwrites_nothing(ws, pretrained, tmp_path, capsys):
     for f in ("pretrain_64.pth", "pretrain_64_resume.pth", "pretrain_64_log.csv"):
         shutil.copy(pretrained[0] / f, tmp_path)
@@ -279,6 +281,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, argv: list, report_dir: s
     Path(report_dir, f"rank{rank}.json").write_text(json.dumps(report))
 
 
+@pytest.mark.slow   # trains in two processes
 def test_ddp_two_processes_match_one(ws, tmp_path):
     import torch.multiprocessing as mp
 

@@ -13,10 +13,8 @@ import re
 import pytest
 import torch
 
-from conftest import make_workspace, quiet, save_smoke_sft
+from conftest import lora_model, quiet, with_base
 from model.common import ROOT
-from model.model import TinyMindForCausalLM, get_config
-from model.model_lora import LoRAConfig, apply_lora
 from model.tokenizer import load_tokenizer
 from trainer import train_lora
 from trainer.train_loop import set_lr
@@ -25,31 +23,33 @@ from model.lora_variants.lora_plus import make_loraplus_optimizer
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    ws = make_workspace(tmp_path_factory.mktemp("watch_ws"))
-    save_smoke_sft(ws, ws["root"] / "full_sft_64.pth")
-    return ws
+def save_dir(ws, tmp_path_factory):
+    """The folder the watched LoRA runs train in, with the workspace's smoke full_sft."""
+    return with_base(ws, tmp_path_factory.mktemp("watch"))
 
 
-def run_lora(ws, *extra):
-    argv = ["--data_path", ws["sft"], "--tokenizer_path", ws["tok"], "--save_dir", str(ws["root"]),
+def run_lora(ws, save_dir, *extra):
+    argv = ["--data_path", ws["sft"], "--tokenizer_path", ws["tok"], "--save_dir", str(save_dir),
             "--device", "cpu", "--max_seq_len", "64", "--batch_size", "8", "--lora_rank", "4",
             "--log_interval", "2", "--val_ratio", "0.1", *map(str, extra)]
     return quiet(train_lora.main, argv)[1]
 
 
-def test_watch_prints_replies_at_start_and_each_validation(ws):
-    log = run_lora(ws, "--max_steps", 4, "--eval_interval", 2, "--watch_prompts", "who are you?|count to three")
+@pytest.mark.slow   # trains
+def test_watch_prints_replies_at_start_and_each_validation(ws, save_dir):
+    log = run_lora(ws, save_dir, "--max_steps", 4, "--eval_interval", 2,
+                   "--watch_prompts", "who are you?|count to three")
     steps = re.findall(r"watch \| step (\d+) \| (.*?) -> ", log)
     assert steps == [(s, p) for s in ("0", "2", "4") for p in ("who are you?", "count to three")]
 
 
-def test_watch_auto_uses_heldout_samples_and_none_is_silent(ws):
-    log = run_lora(ws, "--max_steps", 2, "--eval_interval", 0)
+@pytest.mark.slow   # trains
+def test_watch_auto_uses_heldout_samples_and_none_is_silent(ws, save_dir):
+    log = run_lora(ws, save_dir, "--max_steps", 2, "--eval_interval", 0)
     prompts = re.findall(r"watch \| step 2 \| (.*?) -> ", log)
     questions = {"who are you?", "what color is the sky?", "count to three"}
     assert len(prompts) == 2 and set(prompts) <= questions   # user turns of validation samples
-    assert "watch |" not in run_lora(ws, "--max_steps", 2, "--eval_interval", 0, "--watch_prompts", "none")
+    assert "watch |" not in run_lora(ws, save_dir, "--max_steps", 2, "--eval_interval", 0, "--watch_prompts", "none")
 
 
 def test_val_prompt_is_the_chat_up_to_the_reply(ws):
@@ -75,13 +75,7 @@ def test_demo_prompts_are_held_out():
 
 
 def test_loraplus_groups_and_step_sizes():
-    torch.manual_seed(0)
-    model = TinyMindForCausalLM(get_config("smoke"))
-    apply_lora(model, LoRAConfig(rank=4, alpha=8))
-    with torch.no_grad():   # non-zero B, so A receives a gradient too
-        for n, p in model.named_parameters():
-            if ".lora_B." in n:
-                p.normal_(0, 0.02)
+    model = lora_model(alpha=8.0)   # a random (non-zero) B, so A receives a gradient too
     opt = make_loraplus_optimizer(16)(model, 1e-3, 0.0)
     scale = {id(p): g["lr_scale"] for g in opt.param_groups for p in g["params"]}
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -99,7 +93,8 @@ def test_loraplus_groups_and_step_sizes():
         make_loraplus_optimizer(0)
 
 
-def test_loraplus_flag_trains(ws):
-    log = run_lora(ws, "--max_steps", 2, "--eval_interval", 0, "--watch_prompts", "none",
+@pytest.mark.slow   # trains
+def test_loraplus_flag_trains(ws, save_dir):
+    log = run_lora(ws, save_dir, "--max_steps", 2, "--eval_interval", 0, "--watch_prompts", "none",
                    "--lora_variant", "lora_plus", "--loraplus_lr_ratio", 16)
     assert "variant lora_plus {'loraplus_lr_ratio': 16.0}" in log and "done: 2 steps" in log

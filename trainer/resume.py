@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 from model.common import DeviceContext, TinyMindError, repo_path, safe_load
+from model.model import state_fingerprint
 
 RESUME_FORMAT = "tinymind-resume"
 
@@ -138,8 +139,6 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def frozen_fingerprint(model: nn.Module) -> str | None:
     """Digest of the frozen parameters (the LoRA base), so a resume cannot land on another base."""
-    from model.model import state_fingerprint
-
     frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
     return state_fingerprint(frozen) if frozen else None
 

@@ -31,15 +31,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
 import argparse
-from dataset.lm_dataset import SFTDataset, collate_batch
+
+from dataset.lm_dataset import collate_batch
 from model.common import cleanup_distributed, find_checkpoint, run_main, setup_device
 from model.lora_variants import TrainSetup, add_variant_args, config_from_args, get_variant
 from model.model_lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, load_lora, save_lora
-from model.tokenizer import load_tokenizer
-from trainer.resume import run_key, seed_everything, split_dataset
+from trainer.resume import run_key, seed_everything
 from trainer.train_loop import finish_run, train_loop
-from trainer.trainer_utils import RunFiles, TrainConfig, add_common_args, check_tokenizer_fits, load_from_weight, require_file
+from trainer.trainer_utils import TrainConfig, add_common_args, setup_run
 from trainer.watch import WatchReplies, add_watch_flag, watch_prompts
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="TinyMind LoRA fine-tuning (frozen base, trainable low-rank adapters).")
@@ -70,21 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None, hooks=()):
-    """Train one adapter; ``hooks`` are extra ``TrainHook``s (e.g. scripts/lora_experiments.py's scorer)."""
+    """Train one adapter; ``hooks`` are extra ``TrainHook``s (e.g. dev/lora_experiments.py's scorer)."""
     args = build_parser().parse_args(argv)
     tc = TrainConfig.from_args(args)
     ctx = setup_device(args.device, args.dtype)
     try:
-        # Everything that can fail on user input happens before anything is written.
-        data_path = require_file(args.data_path)
-        tok = load_tokenizer(args.tokenizer_path)
-        model, _, src = load_from_weight(args.save_dir, args.from_weight, args.hidden_size,
-                                         args.num_hidden_layers, args.preset)
+        # data, tokenizer, the frozen --from_weight model, the held-out split: nothing written yet
+        setup = setup_run(args, args.lora_name)
+        model = setup.model
         config = model.config
-        check_tokenizer_fits(tok, config, args.max_seq_len, src.name)
-        dataset = SFTDataset(data_path, tok, args.max_seq_len, skip_bad_lines=bool(args.skip_bad_lines))
-        train_set, val_set = split_dataset(dataset, args.val_ratio, args.seed)
-
         for name in [n.strip() for n in args.lora_over.split(",") if n.strip()]:   # companions, frozen
             load_lora(model, find_checkpoint(args.save_dir, name, config.hidden_size, what="--lora_over file"),
                       adapter_name=name)
@@ -95,20 +90,21 @@ def main(argv=None, hooks=()):
                                                      use_rslora=bool(args.use_rslora)))
         info = apply_lora(model, lora_cfg, adapter_name=args.lora_name)  # freezes every base weight
         if variant.prepare is not None:   # data-dependent init: PiSSA's SVD, QLoRA's 4-bit base, ...
-            variant.prepare(model, args.lora_name, TrainSetup(train_set, collate_batch, ctx, args))
+            variant.prepare(model, args.lora_name,
+                            TrainSetup(setup.train_set, collate_batch, ctx, args, setup.files))
         info["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         base = info["total"] - info["trainable"]
-        ctx.log(f"model: {src} (hidden {config.hidden_size}, {config.num_hidden_layers} layers)")
+        ctx.log(f"model: {setup.src} (hidden {config.hidden_size}, {config.num_hidden_layers} layers)")
         ctx.log(f"LoRA {args.lora_name}: rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g}, scaling "
                 f"{lora_cfg.scaling:.4g}, {len(info['wrapped'])} layers wrapped ({args.lora_targets}), "
                 f"variant {variant.name} {lora_cfg.options or ''}")
         ctx.log(f"parameters: total {info['total']:,} (base {base:,} frozen), LoRA {info['trainable']:,} "
                 f"trainable = {100 * info['trainable'] / info['total']:.2f}% of total")
-        files = RunFiles.for_run(args.save_dir, args.lora_name, config.hidden_size)
+        files = setup.files
         make_optimizer = variant.make_optimizer(args) if variant.make_optimizer is not None else None
         hooks = [*(variant.hooks(model, args.lora_name, args) if variant.hooks is not None else ()), *hooks]
-        hooks.append(WatchReplies(watch_prompts(args.watch_prompts, data_path, tok, val_set), tok, ctx.log,
-                                  ctx.is_main))
+        prompts = watch_prompts(args.watch_prompts, setup.data_path, setup.tok, setup.val_set)
+        hooks.append(WatchReplies(prompts, setup.tok, ctx.log, ctx.is_main))
 
         def save_weights(m):
             path = save_lora(m, files.weights, adapter_name=args.lora_name, from_weight=args.from_weight)
@@ -117,7 +113,7 @@ def main(argv=None, hooks=()):
             return path
 
         metrics = train_loop(
-            model, train_set, val_set, collate_batch, tc, ctx, files, save_weights=save_weights,
+            model, setup.train_set, setup.val_set, collate_batch, tc, ctx, files, save_weights=save_weights,
             run={**run_key(args, "lora", ctx, "from_weight", "lora_name", "lora_rank", "lora_alpha",
                            "lora_dropout", "lora_targets", "use_rslora", "lora_variant", "lora_over"),
                  "lora_options": repr(sorted(lora_cfg.options.items()))},

@@ -25,13 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import argparse
 
-from dataset.lm_dataset import SFTDataset, collate_batch
+from dataset.lm_dataset import collate_batch
 from model.common import cleanup_distributed, run_main, setup_device
 from model.model import save_model
-from model.tokenizer import load_tokenizer
-from trainer.resume import run_key, seed_everything, split_dataset
+from trainer.resume import run_key, seed_everything
 from trainer.train_loop import count_parameters, finish_run, train_loop
-from trainer.trainer_utils import RunFiles, TrainConfig, add_common_args, check_tokenizer_fits, load_from_weight, require_file
+from trainer.trainer_utils import TrainConfig, add_common_args, setup_run
 from trainer.watch import WatchReplies, add_watch_flag, watch_prompts
 
 
@@ -46,32 +45,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None, hooks=()):
-    """Fine-tune every weight; ``hooks`` are extra ``TrainHook``s (e.g. scripts/lora_experiments.py's scorer)."""
+    """Fine-tune every weight; ``hooks`` are extra ``TrainHook``s (e.g. dev/lora_experiments.py's scorer)."""
     args = build_parser().parse_args(argv)
     tc = TrainConfig.from_args(args)
     ctx = setup_device(args.device, args.dtype)
     try:
-        # Everything that can fail on user input happens before anything is written.
-        data_path = require_file(args.data_path)
-        tok = load_tokenizer(args.tokenizer_path)
-        model, _, src = load_from_weight(args.save_dir, args.from_weight, args.hidden_size,
-                                         args.num_hidden_layers, args.preset)
-        config = model.config
-        check_tokenizer_fits(tok, config, args.max_seq_len, src.name)
-        dataset = SFTDataset(data_path, tok, args.max_seq_len, skip_bad_lines=bool(args.skip_bad_lines))
-        train_set, val_set = split_dataset(dataset, args.val_ratio, args.seed)
-
+        # data, tokenizer, the --from_weight model, the held-out split: nothing written yet
+        setup = setup_run(args, args.weight)
         seed_everything(args.seed)
-        total, _ = count_parameters(model)
-        ctx.log(f"model: {src} (hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
+        config = setup.model.config
+        total, _ = count_parameters(setup.model)
+        ctx.log(f"model: {setup.src} (hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
                 f"{total / 1e6:.2f}M parameters)")
-        files = RunFiles.for_run(args.save_dir, args.weight, config.hidden_size)
-        watch = WatchReplies(watch_prompts(args.watch_prompts, data_path, tok, val_set), tok, ctx.log, ctx.is_main)
+        files = setup.files
+        prompts = watch_prompts(args.watch_prompts, setup.data_path, setup.tok, setup.val_set)
+        watch = WatchReplies(prompts, setup.tok, ctx.log, ctx.is_main)
         metrics = train_loop(
-            model, train_set, val_set, collate_batch, tc, ctx, files,
+            setup.model, setup.train_set, setup.val_set, collate_batch, tc, ctx, files,
             save_weights=lambda m: save_model(m, files.weights, stage="sft", weight=args.weight,
                                               from_weight=args.from_weight),
-            run=run_key(args, "sft", ctx, "from_weight"), resume=bool(args.from_resume), hooks=[*hooks, watch])
+            run=run_key(args, "sft", ctx, "from_weight"), resume=bool(args.from_resume),
+            hooks=[*hooks, watch])
         return finish_run(metrics, ctx)
     finally:
         cleanup_distributed(ctx)

@@ -1,4 +1,4 @@
-"""Flags and file helpers shared by the training scripts (MiniMind's file name).
+"""Flags, file helpers and the shared set-up of the training scripts (MiniMind's file name).
 
 Implements:
 - ``TrainConfig`` / ``RunFlags``: every common training flag, described once. Each dataclass field
@@ -7,6 +7,8 @@ Implements:
 - ``RunFiles``: the four files a run writes ({name}_{hidden}.pth, _resume.pth, _log.csv, _loss.png).
 - ``require_file``, ``load_from_weight`` (the checkpoint an SFT/LoRA run starts from, found with
   ``model.common.find_checkpoint``), ``check_tokenizer_fits``.
+- ``setup_run`` / ``RunSetup``: the start train_sft.py and train_lora.py share (data file, tokenizer,
+  the --from_weight model, the chat dataset and its held-out split, the run's files).
 - ``write_csv_rows`` / ``read_csv_rows`` / ``plot_loss``: the run's CSV log and loss curve, both
   written through ``model.common.atomic_write``.
 
@@ -22,7 +24,11 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from dataset.lm_dataset import SFTDataset
 from model.common import TinyMindError, atomic_write, find_checkpoint, repo_path
+from model.model import TinyMindForCausalLM, get_config, load_model
+from model.tokenizer import TinyMindTokenizer, load_tokenizer
+from trainer.resume import split_dataset
 
 CSV_FIELDS = ["step", "epoch", "tokens", "lr", "train_loss", "val_loss", "tok_per_s", "elapsed_s"]
 
@@ -219,8 +225,6 @@ def load_from_weight(save_dir, from_weight: str, hidden_size: int | None = None,
     (a mismatch is an error, not a silent choice). Without --hidden_size (or --preset) the single
     ``{from_weight}_*.pth`` in save_dir is used. Returns (model, checkpoint dict, path).
     """
-    from model.model import get_config, load_model
-
     hidden = hidden_size or (get_config(preset).hidden_size if preset else None)
     path = find_checkpoint(save_dir, from_weight, hidden, what=what)
     model, ckpt = load_model(path)
@@ -245,3 +249,36 @@ def check_tokenizer_fits(tokenizer, config, max_seq_len: int, where: str) -> Non
     if max_seq_len > config.max_position_embeddings:
         raise TinyMindError(f"--max_seq_len {max_seq_len} exceeds {where}'s max_position_embeddings "
                             f"{config.max_position_embeddings}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the set-up train_sft.py and train_lora.py share
+
+
+@dataclass
+class RunSetup:
+    """What a chat-data run (SFT or LoRA) starts from."""
+
+    data_path: Path  # the --data_path file, resolved from the repo root
+    tok: TinyMindTokenizer
+    model: TinyMindForCausalLM  # loaded from --from_weight, with the config stored in that file
+    src: Path  # the checkpoint it came from
+    train_set: object  # Subset of the SFTDataset
+    val_set: object  # the held-out Subset, or None with --val_ratio 0
+    files: RunFiles  # what this run writes: {save_dir}/{name}_{hidden}.pth and the rest
+
+
+def setup_run(args: argparse.Namespace, name: str) -> RunSetup:
+    """The start of train_sft.py and train_lora.py: everything that can fail on user input, before
+    anything is written. ``name`` names the run's files (--weight for SFT, --lora_name for LoRA)."""
+    data_path = require_file(args.data_path)
+    tok = load_tokenizer(args.tokenizer_path)
+    model, _, src = load_from_weight(args.save_dir, args.from_weight, args.hidden_size,
+                                     args.num_hidden_layers, args.preset)
+    config = model.config
+    check_tokenizer_fits(tok, config, args.max_seq_len, src.name)
+    dataset = SFTDataset(data_path, tok, args.max_seq_len, skip_bad_lines=bool(args.skip_bad_lines))
+    train_set, val_set = split_dataset(dataset, args.val_ratio, args.seed)
+    files = RunFiles.for_run(args.save_dir, name, config.hidden_size)
+    return RunSetup(data_path=data_path, tok=tok, model=model, src=src, train_set=train_set, val_set=val_set,
+                    files=files)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model.engine import encode_chat, greedy_replies
 from model.train_hook import TrainHook
 
 # Held-out questions from dataset/eval/ per shipped training file: what the data teaches, plus (for
@@ -59,8 +60,7 @@ def watch_prompts(flag: str, data_path, tok, val_set=None, n_from_val: int = 2) 
         prompts = list(demo)
     else:
         prompts = [p.strip() for p in flag.split("|") if p.strip()]
-    return [(p, tok.encode(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)))
-            for p in prompts]
+    return [(p, encode_chat(tok, [{"role": "user", "content": p}])) for p in prompts]
 
 
 def _val_prompts(val_set, n: int) -> list[list[int]]:
@@ -101,24 +101,10 @@ class WatchReplies(TrainHook):
     def at_validation(self, model: nn.Module, step: int, val_loss: float | None) -> None:
         self.show(model, step)
 
-    @torch.no_grad()
     def replies(self, model: nn.Module) -> list[str]:
-        """Greedy replies, one prompt at a time (a handful of prompts: no batching needed)."""
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()  # dropout off, as in chat
-        out = []
-        try:
-            for _, ids in self.prompts:
-                seq = model.generate(torch.tensor([ids], device=device), max_new_tokens=self.max_new_tokens,
-                                     temperature=0.0, eos_token_id=self.tok.eos_id)
-                new = seq[0, len(ids):].tolist()
-                if self.tok.eos_id in new:
-                    new = new[:new.index(self.tok.eos_id)]
-                out.append(self.tok.decode(new, skip_special_tokens=True).strip())
-        finally:
-            model.train(was_training)
-        return out
+        """Greedy replies, one prompt at a time (a handful of prompts: no batching needed), in eval mode
+        (dropout off, as in chat); the model goes back to training mode afterwards."""
+        return greedy_replies(model, self.tok, [ids for _, ids in self.prompts], self.max_new_tokens)
 
     def show(self, model: nn.Module, step: int) -> None:
         if not self.enabled:

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from model.common import TinyMindError, safe_load
-from model.lora_variants import Variant, register
+from model.lora_variants.registry import Variant, register
 from model.model import save_model, unwrap_model
 from model.model_lora import base_state_dict, lora_modules
 from model.train_hook import TrainHook
@@ -87,12 +87,10 @@ def save_delta_base(model: nn.Module, name: str, args, weights_path):
 
 
 def prepare(model: nn.Module, name: str, setup):
-    """Say where the new base goes; on --from_resume 1 go on from the one saved with the resume file."""
-    from trainer.trainer_utils import RunFiles
-
-    args = setup.args
+    """Say where the new base goes; on --from_resume 1 go on from the one saved with the resume file.
+    ``setup.files`` are the run's files (the adapter's ``weights``, the ``resume`` file)."""
+    args, files = setup.args, setup.files
     core = unwrap_model(model)
-    files = RunFiles.for_run(args.save_dir, args.lora_name, core.config.hidden_size)
     base = _base_path(files.weights, core, name)
     setup.ctx.log(f"Delta-LoRA changes W too: every save writes the new base {base.name} (a full checkpoint) "
                   f"beside {files.weights.name}, which only fits that base (--weight {base.stem.rsplit('_', 1)[0]})")

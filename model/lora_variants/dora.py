@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.common import TinyMindError
-from model.lora_variants import Variant, register
+from model.lora_variants.registry import Variant, register
 
 
 class DoRALayer(nn.Module):

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.common import TinyMindError
-from model.lora_variants import Variant, register
+from model.lora_variants.registry import Variant, register
 from model.model import unwrap_model
 from model.model_lora import lora_modules
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from model.lora_variants import Variant, register
+from model.lora_variants.registry import Variant, register
 from model.model_lora import LoRALinear, lora_modules
 from model.train_hook import TrainHook
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from model.common import TinyMindError
-from model.lora_variants import Variant, register
+from model.lora_variants.registry import Variant, register
 
 BETAS = (0.9, 0.95)   # the loop's default AdamW betas: LoRA+ changes the learning rates only
 
@@ -67,5 +67,5 @@ def configure(args, cfg):
 
 
 register(Variant("lora_plus", paper="2402.12354", summary="B's learning rate = loraplus_lr_ratio x A's",
-                 add_args=add_args, configure=configure,
+                 add_args=add_args, configure=configure, supports_embedding=True,
                  make_optimizer=lambda args: make_loraplus_optimizer(args.loraplus_lr_ratio)))

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from model.lora_variants import Variant, register
 from model.lora_variants.lora_fa import EPS, math_dtype, pinv_ridge, trained_pairs
+from model.lora_variants.registry import Variant, register
 from model.train_hook import TrainHook
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from model.lora_variants import Variant, adapter_layers, register
+from model.lora_variants.registry import Variant, adapter_layers, register
 from model.lora_variants.residual import export_residual, set_residual
 
 

@@ -17,7 +17,7 @@ from dataclasses import replace
 import torch
 
 from model.common import TinyMindError
-from model.lora_variants import Variant, adapter_layers, register
+from model.lora_variants.registry import Variant, adapter_layers, register
 from model.lora_variants.residual import export_residual, set_residual
 
 

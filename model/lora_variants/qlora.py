@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.common import TinyMindError
-from model.lora_variants import Variant, register
-from model.model_lora import base_fingerprint
+from model.lora_variants.registry import Variant, adapter_layers, register
+from model.model_lora import LoRALinear, base_fingerprint
 
 NF4_CODE = torch.tensor([
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -126,8 +126,6 @@ class Bf16Head(nn.Module):
 def quantize_base(model: nn.Module, block_size: int = 64, double_quant: bool = True) -> None:
     """Every frozen linear layer of the blocks -> NF4Linear (also the ones inside LoRALinear); the tied
     embedding -> bf16. Records the full-precision base's fingerprint first, for the adapter file."""
-    from model.model_lora import LoRALinear
-
     if getattr(model, "lora_base_fingerprint", None) is None:
         model.lora_base_fingerprint = base_fingerprint(model)
     for name, mod in list(model.named_modules()):
@@ -143,8 +141,6 @@ def quantize_base(model: nn.Module, block_size: int = 64, double_quant: bool = T
 
 
 def prepare(model, name, setup):
-    from model.lora_variants import adapter_layers
-
     opts = adapter_layers(model, name)[0][1].configs[name].options
     quantize_base(model, opts["block_size"], bool(opts["double_quant"]))
 

@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import torch
 
-from model.lora_variants import adapter_layers
+from model.lora_variants.registry import adapter_layers
 from model.model_lora import adapter_state, base_fingerprint
 
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.common import TinyMindError
-from model.lora_variants import Variant, adapter_layers, register
+from model.lora_variants.registry import Variant, adapter_layers, register
 
 
 def kaiming_uniform(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:

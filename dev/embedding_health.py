@@ -11,8 +11,8 @@ words of the demo world as a reference) it tokenizes the words, and for each of 
 the largest cosine similarity between its embedding row and any other row. It prints the median of
 those, and the share above 0.95 (collapsed).
 
-    python scripts/embedding_health.py                          # out/full_sft_*.pth
-    python scripts/embedding_health.py --weight pretrain
+    python dev/embedding_health.py                          # out/full_sft_*.pth
+    python dev/embedding_health.py --weight pretrain
 """
 from __future__ import annotations
 

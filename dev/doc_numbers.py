@@ -11,35 +11,35 @@ What this file implements:
 - ``variant_table``: trainable parameters of every variant in model/lora_variants on ``tiny`` and ``small``,
   with r = 8, alpha = 16 (LoRAConfig's defaults; train_lora.py's are 16 and 32) and its other flags' defaults;
 - ``scaling_table``: ``LoRAConfig.scaling`` for alpha = 16 across ranks, plain and rsLoRA;
-- ``render_blocks`` / ``--update``: the docs hold these tables between ``<!-- doc_numbers:NAME -->``
-  markers; ``--update`` rewrites them there, and tests/test_docs.py fails when they differ.
+- ``render_blocks`` / ``--update``: the docs hold these tables in ``<!-- doc_numbers:NAME -->`` blocks
+  (tools/doc_blocks.py); ``--update`` rewrites them there, and tests/test_docs.py fails when they differ.
 - ``refresh_line_counts`` / ``--line_counts``: rewrite every stated line count in docs/*.md (``（path，N 行）``)
   to the file's current length (tests/test_docs.py fails when one is more than 10% off).
 
-Models are built with the random initialisers switched off (``shapes_only``): the parameter shapes are the
+Models are built with the random initialisers switched off (tools/shapes.py): the parameter shapes are the
 real ones, the values are never computed, so this runs in seconds.
 
-    python scripts/doc_numbers.py            # print the tables
-    python scripts/doc_numbers.py --update   # rewrite the marked tables in docs/*.md
-    python scripts/doc_numbers.py --check    # exit 1 if a marked table in docs/*.md is out of date
-    python scripts/doc_numbers.py --line_counts   # refresh the line counts the docs state
+    python dev/doc_numbers.py            # print the tables
+    python dev/doc_numbers.py --update   # rewrite the marked tables in docs/*.md
+    python dev/doc_numbers.py --check    # exit 1 if a marked table in docs/*.md is out of date
+    python dev/doc_numbers.py --line_counts   # refresh the line counts the docs state
 """
 from __future__ import annotations
 
 import argparse
 import re
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-import torch
-import torch.nn as nn
-
 from model.common import ROOT, atomic_write_text, run_main
-from model.model import PRESETS, TinyMindForCausalLM, get_config
+from model.model import PRESETS, get_config
+from model.lora_variants import config_from_args, get_variant, variants
 from model.model_lora import DEFAULT_TARGETS, LoRAConfig, apply_lora
+from tools.doc_blocks import fill_blocks, render_block
+from tools.shapes import shapes_only, shapes_only_model
+from trainer import train_lora
 
 RANKS = (4, 8, 16)
 LORA_PRESETS = ("tiny", "small")
@@ -52,30 +52,7 @@ TARGET_SETS = (
 )
 # the form tests/test_docs.py reads: （path，N 行） or (path, about N lines in Chinese)
 LINE_COUNT_RE = re.compile(r"([（(]\s*`?)([\w./-]+\.\w+)(`?\s*[，,]\s*约?\s*)(\d+)(\s*行\s*[）)])")
-BLOCK_RE = re.compile(r"(<!-- doc_numbers:(\w+) -->\n)(.*?)(<!-- /doc_numbers:\2 -->)", re.S)
-
-
-@contextmanager
-def shapes_only():
-    """Build modules with the random initialisers turned off: shapes are all we count. Weights are then
-    ``torch.empty`` memory that is never touched (the OS maps the pages only when written), so even the
-    104M ``base`` preset costs almost nothing to build."""
-    names = ("normal_", "uniform_", "kaiming_uniform_", "trunc_normal_")
-    saved = {n: getattr(nn.init, n) for n in names}
-    try:
-        for n in names:
-            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(nn.init, n, f)
-
-
-def build(preset: str) -> TinyMindForCausalLM:
-    """A model of ``preset``: every parameter with its real shape, uninitialised values. The context length
-    only sizes the RoPE tables, which are buffers, not parameters: a short one skips computing them."""
-    with shapes_only():
-        return TinyMindForCausalLM(get_config(preset, max_position_embeddings=2))
+SOURCE = "doc_numbers"   # the blocks' SOURCE in <!-- SOURCE:NAME --> (tools/doc_blocks.py)
 
 
 def fmt_m(n: int) -> str:
@@ -87,7 +64,7 @@ def preset_table() -> str:
             "embedding share | one block |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name in PRESETS:
-        model = build(name)
+        model = shapes_only_model(name)
         cfg = get_config(name)
         total = model.num_parameters()
         emb = model.model.embed_tokens.weight.numel()
@@ -100,7 +77,7 @@ def preset_table() -> str:
 
 def lora_counts(preset: str, rank: int, targets: str) -> dict:
     """What apply_lora reports, plus the base model's own size."""
-    model = build(preset)
+    model = shapes_only_model(preset)
     base = model.num_parameters()
     with shapes_only():
         info = apply_lora(model, LoRAConfig(rank=rank, alpha=2.0 * rank, targets=targets))
@@ -122,7 +99,7 @@ def lora_table() -> str:
 
 
 def lora_layer_table(preset: str = "tiny", rank: int = 8) -> str:
-    model = build(preset)
+    model = shapes_only_model(preset)
     block = model.model.layers[0]
     rows = [f"| layer (`{preset}`, r = {rank}) | W [out, in] | A [r, in] | B [out, r] | W parameters | "
             f"A + B = r·(in + out) | ratio |",
@@ -139,12 +116,9 @@ def lora_layer_table(preset: str = "tiny", rank: int = 8) -> str:
 
 def variant_counts(preset: str, name: str) -> tuple[int, int, int]:
     """(rank used, trainable, base parameters) of variant ``name``: r = 8, alpha = 16, other flags default."""
-    from model.lora_variants import config_from_args, get_variant
-    from trainer.train_lora import build_parser
-
-    args = build_parser().parse_args(["--lora_variant", name, "--lora_rank", "8", "--lora_alpha", "16"])
+    args = train_lora.build_parser().parse_args(["--lora_variant", name, "--lora_rank", "8", "--lora_alpha", "16"])
     cfg = config_from_args(args, LoRAConfig(rank=8, alpha=16.0, targets=DEFAULT_TARGETS))
-    model = build(preset)
+    model = shapes_only_model(preset)
     base = model.num_parameters()
     with shapes_only():
         info = apply_lora(model, cfg, adapter_name="default")
@@ -153,8 +127,6 @@ def variant_counts(preset: str, name: str) -> tuple[int, int, int]:
 
 
 def variant_table() -> str:
-    from model.lora_variants import variants
-
     rows = ["| variant | r | `tiny` trainable | % of base | `small` trainable | % of base |",
             "| --- | --- | --- | --- | --- | --- |"]
     for name in variants():
@@ -187,16 +159,8 @@ def update_docs(blocks: dict[str, str], write: bool) -> list[str]:
     stale = []
     for doc in sorted((ROOT / "docs").glob("*.md")):
         text = doc.read_text(encoding="utf-8")
-
-        def sub(m):
-            name = m.group(2)
-            if name not in blocks:
-                return m.group(0)
-            if m.group(3).strip() != blocks[name].strip():
-                stale.append(f"{doc.relative_to(ROOT)}: {name}")
-            return f"{m.group(1)}{blocks[name].strip()}\n{m.group(4)}"
-
-        new = BLOCK_RE.sub(sub, text)
+        new, changed = fill_blocks(text, SOURCE, blocks, where=str(doc.relative_to(ROOT)))
+        stale += [f"{doc.relative_to(ROOT)}: {name}" for name in changed]
         if write and new != text:
             atomic_write_text(doc, new)
     return stale
@@ -236,7 +200,7 @@ def main(argv=None):
         return None
     blocks = render_blocks()
     for name, table in blocks.items():
-        print(f"<!-- doc_numbers:{name} -->\n{table}\n<!-- /doc_numbers:{name} -->\n")
+        print(render_block(SOURCE, name, table) + "\n")
     if args.update or args.check:
         stale = update_docs(blocks, write=args.update)
         verb = "updated" if args.update else "out of date"

@@ -8,8 +8,8 @@ recipes has to exceed before it means anything.
 
     python scripts/run_pipeline.py --force --seed 42 --save_dir out/seed42
     python scripts/run_pipeline.py --force --seed 1 --save_dir out/seed1
-    python scripts/compare_runs.py out/seed42 out/seed1                 # prints the table
-    python scripts/compare_runs.py out/seed42 out/seed1 --out out/seeds.md
+    python dev/compare_runs.py out/seed42 out/seed1                 # prints the table
+    python dev/compare_runs.py out/seed42 out/seed1 --out out/seeds.md
 """
 from __future__ import annotations
 

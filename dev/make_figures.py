@@ -14,9 +14,9 @@ What this file implements (one function per figure; each reads the real code whe
 - ``fig_loss_curves``: the training and validation loss of every run in out/*_log.csv (skipped when there are none);
 - ``copy_results``: out/eval_chart.png -> docs/images/eval_chart.png when the evaluation has been run.
 
-    python scripts/make_figures.py                 # all figures
-    python scripts/make_figures.py --only lora,lr  # a subset (names: see --help)
-    python scripts/make_figures.py --only loss,results --hidden_size 192   # after the tiny pipeline
+    python dev/make_figures.py                 # all figures
+    python dev/make_figures.py --only lora,lr  # a subset (names: see --help)
+    python dev/make_figures.py --only loss,results --hidden_size 192   # after the tiny pipeline
 """
 from __future__ import annotations
 
@@ -36,6 +36,11 @@ import torch
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Rectangle
 
 from model.common import atomic_write, repo_path, run_main
+from model.model import TinyMindForCausalLM, apply_rope, get_config, rope_tables
+from model.model_lora import LoRAConfig
+from tools.shapes import shapes_only_model
+from trainer.train_loop import lr_at
+from trainer.trainer_utils import COMMON_DEFAULTS
 
 IMAGES = "docs/images"
 BLUE, ORANGE, GREEN, GREY, RED = "#4c72b0", "#dd8452", "#55a868", "#8c8c8c", "#c44e52"
@@ -71,10 +76,7 @@ def arrow(ax, x0, y0, x1, y1, color="black"):
 # ----------------------------------------------------------------------------- LoRA
 
 def fig_lora_branch(out_dir: Path) -> Path:
-    from model.model_lora import LoRAConfig
-    from scripts.doc_numbers import build
-
-    model = build("tiny")   # the real module tree (shapes only, no init): the layer sizes below are read from it
+    model = shapes_only_model("tiny")   # the real module tree (shapes only, no init): the layer sizes below are read from it
     q = model.model.layers[0].self_attn.q_proj
     gate = model.model.layers[0].mlp.gate_proj
     lc = LoRAConfig()
@@ -140,8 +142,6 @@ def fig_lora_branch(out_dir: Path) -> Path:
 
 def capture_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """The mask TinyMindModel.forward passes to the first attention layer, for these (B, T) inputs."""
-    from model.model import TinyMindForCausalLM, get_config
-
     torch.manual_seed(0)
     model = TinyMindForCausalLM(get_config("smoke")).eval()
     seen = {}
@@ -193,9 +193,6 @@ def fig_attention_mask(out_dir: Path) -> Path:
 # ----------------------------------------------------------------------------- LR schedule
 
 def fig_lr_schedule(out_dir: Path) -> Path:
-    from trainer.train_loop import lr_at
-    from trainer.trainer_utils import COMMON_DEFAULTS
-
     total = 400
     fig, ax = plt.subplots(figsize=(8, 3.8))
     for warmup_ratio, min_ratio, color in ((COMMON_DEFAULTS["warmup_ratio"], COMMON_DEFAULTS["min_lr_ratio"], BLUE),
@@ -218,8 +215,6 @@ def fig_lr_schedule(out_dir: Path) -> Path:
 # ----------------------------------------------------------------------------- RoPE and GQA
 
 def fig_rope(out_dir: Path) -> Path:
-    from model.model import apply_rope, get_config, rope_tables
-
     cfg = get_config("tiny")
     hd = cfg.hidden_size // cfg.num_attention_heads
     positions = 12
@@ -252,8 +247,6 @@ def fig_rope(out_dir: Path) -> Path:
 
 
 def fig_gqa(out_dir: Path) -> Path:
-    from model.model import get_config
-
     fig, axes = plt.subplots(2, 1, figsize=(10, 4.6))
     for ax, preset in zip(axes, ("tiny", "small")):
         cfg = get_config(preset)

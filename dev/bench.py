@@ -26,14 +26,14 @@ sides alike. Measurements (names for ``--only``):
 It prints a markdown table (PASS/MISS per target) and writes JSON with the machine, command and date.
 
 CPU (a few minutes on 2 cores):
-    python scripts/bench.py
-    python scripts/bench.py --quick                    # every measurement at toy sizes, 10-40 s (CI)
-    python scripts/bench.py --only decode,kv_cache --repeats 5 --threads 2
-    python scripts/bench.py --threads 1 --timer cpu    # steadier ratios on a machine shared with other jobs
-    python scripts/bench.py --out docs/results/bench.json        # keep a result for the docs
-    python scripts/bench.py --render docs/results/bench.json     # its markdown table again, nothing measured
+    python dev/bench.py
+    python dev/bench.py --quick                    # every measurement at toy sizes, 10-40 s (CI)
+    python dev/bench.py --only decode,kv_cache --repeats 5 --threads 2
+    python dev/bench.py --threads 1 --timer cpu    # steadier ratios on a machine shared with other jobs
+    python dev/bench.py --out docs/results/bench.json        # keep a result for the docs
+    python dev/bench.py --render docs/results/bench.json     # its markdown table again, nothing measured
 GPU (one device; the bench is single-process, so there is no torchrun/multi-GPU variant):
-    python scripts/bench.py --device cuda
+    python dev/bench.py --device cuda
 """
 import sys
 from pathlib import Path
@@ -56,12 +56,11 @@ import time
 import torch
 
 from model.common import TinyMindError, atomic_write_text, repo_path, run_main, setup_device
+from model.engine import decode_weights
 from model.model import TinyMindForCausalLM, get_config
-from model.fast_decode import decode_weights
 from model.model_lora import merge_lora
-from scripts.bench_utils import (add_lora, build_model, current_memory_mb, greedy, make_train_step, med,
-                                 peak_memory_mb, random_batch, reset_peak_memory, sync, time_interleaved,
-                                 unfused_copy)
+from tools.measure import (add_lora, build_model, current_memory_mb, greedy, make_train_step, med, peak_memory_mb,
+                           random_batch, reset_peak_memory, sync, time_interleaved, unfused_copy)
 from trainer.train_loop import build_optimizer
 
 MEASUREMENTS = ("lora_step", "lora_memory", "merged_forward", "unmerged_forward",
@@ -312,7 +311,7 @@ def decode_row(name, what, tps, limit, extra=""):
 
 def products_only_fn(ctx, model):
     """``--new_tokens`` decoding steps that do nothing but the step's matrix products (the fused matrices
-    of ``model/fast_decode.py``, one row): how close to the limit decoding could get if every other
+    of ``model/engine.py``, one row): how close to the limit decoding could get if every other
     operation (norms, RoPE, attention, sampling, Python) cost nothing."""
     w, cfg = decode_weights(model), model.config
     dtype = model.lm_head.weight.dtype
@@ -660,7 +659,7 @@ def run_bench(args, argv):
         get_config(preset)  # an unknown preset fails now, with the list of choices, not minutes later
     ctx = Ctx(args, device)
     report = {"format": "tinymind-bench", "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-              "command": "python scripts/bench.py " + shlex.join(argv), "machine": machine_info(device),
+              "command": "python dev/bench.py " + shlex.join(argv), "machine": machine_info(device),
               "settings": {"quick": args.quick, "preset": ctx.preset, "train_presets": list(ctx.train_presets),
                            "packing_preset": ctx.packing_preset, "batch_size": ctx.batch_size,
                            "seq_len": ctx.seq_len, "new_tokens": ctx.new_tokens, "repeats": ctx.repeats,

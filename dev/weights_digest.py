@@ -5,9 +5,9 @@ did not change what training produces.
 this script does not round: one flipped bit in any tensor of a file changes that file's digest.
 
     python scripts/run_pipeline.py --preset smoke --save_dir /tmp/a        # before a refactor
-    python scripts/weights_digest.py --save_dir /tmp/a --out /tmp/a.json
+    python dev/weights_digest.py --save_dir /tmp/a --out /tmp/a.json
     python scripts/run_pipeline.py --preset smoke --save_dir /tmp/b        # after it
-    python scripts/weights_digest.py --save_dir /tmp/b --compare /tmp/a.json   # exit 1 on any difference
+    python dev/weights_digest.py --save_dir /tmp/b --compare /tmp/a.json    # exit 1 on any difference
 """
 import sys
 from pathlib import Path

@@ -1,8 +1,8 @@
-"""Measuring tools for scripts/bench.py: clocks, interleaved timing, memory peaks, and the models,
-batches and steps the measurements share.
+"""Measuring tools: clocks, interleaved timing and memory peaks (dev/bench.py; dev/lora_experiments.py notes
+each run's peak memory with them), and the seeded models, batches and steps dev/bench.py's measurements share.
 
-- ``time_interleaved``: A B A B ... timing (order flipped every round) after a warm-up, so a busy
-  machine slows every variant alike; ``sync`` waits for CUDA before reading the clock.
+- ``time_interleaved``: A B C A B C ... timing after a warm-up, so a busy machine slows every variant
+  alike; ``sync`` waits for CUDA before reading the clock.
 - ``build_model`` / ``random_batch`` / ``add_lora`` / ``make_train_step`` / ``greedy``: the same
   seeded models, batches, training steps and decoding for every variant.
 - ``reset_peak_memory`` / ``peak_memory_mb`` / ``current_memory_mb``: CUDA allocator stats, or the
@@ -17,7 +17,9 @@ import time
 import torch
 
 from model.common import TinyMindError
+from model.engine import generate
 from model.model import TinyMindForCausalLM, get_config
+from model.lora_fused import use_plain_loop
 from model.model_lora import apply_lora, lora_modules
 from trainer.train_loop import build_optimizer
 
@@ -80,10 +82,9 @@ def add_lora(model, rank, targets, random_b=False):
 
 def unfused_copy(model):
     """A copy of ``model`` whose LoRA layers run ``LoRALinear.forward``'s plain loop instead of ``FusedLoRA``
-    (model/model_lora.py): the same function, timed beside the fused path."""
+    (model/lora_fused.py): the same function, timed beside the fused path."""
     loop = copy.deepcopy(model)
-    for _, m in lora_modules(loop):
-        m.fused = False
+    use_plain_loop(m for _, m in lora_modules(loop))
     return loop
 
 
@@ -107,8 +108,8 @@ def make_train_step(model, batch):
 def greedy(model, prompt, new_tokens, use_cache):
     """Greedy decoding of exactly ``new_tokens`` tokens (EOS disabled so every run does the same work)."""
     with torch.inference_mode():
-        out = model.generate(prompt, max_new_tokens=new_tokens, temperature=0.0, top_k=None, top_p=None,
-                             eos_token_id=None, use_cache=use_cache)
+        out = generate(model, prompt, max_new_tokens=new_tokens, temperature=0.0, top_k=None, top_p=None,
+                       eos_token_id=None, use_cache=use_cache)
     if out.shape[1] != prompt.shape[1] + new_tokens:
         raise RuntimeError(f"generate returned {out.shape[1] - prompt.shape[1]} new tokens, expected {new_tokens}")
     return out

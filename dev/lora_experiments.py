@@ -2,8 +2,8 @@
 
 Every run starts from the same SFT checkpoint ({save_dir}/{from_weight}_{hidden}.pth) and is an ordinary
 trainer/train_lora.py (or, for full fine-tuning, trainer/train_sft.py) run; a ``Scorer`` hook (a
-``TrainHook``, trainer/train_loop.py) scores the model on dataset/eval/ during training, the way
-scripts/evaluate.py does. The experiments:
+``TrainHook``, model/train_hook.py) scores the model on dataset/eval/ during training, the way
+scripts/evaluate.py does (tools/scoring.py). The experiments:
 
   learn_forget  Biderman et al. 2024 (2405.09673), "LoRA learns less and forgets less": full fine-tuning
                 vs LoRA r = 4, 16, 64 on the medical task, scored after every epoch; medical QA is what was
@@ -21,11 +21,11 @@ A run is identified by its name and settings; results go to {out_dir}/lora_exper
 run, plus each experiment's summary) and {out_dir}/exp_{name}.png. Runs already in the JSON with the same
 settings and base model are skipped, so an interrupted sweep continues where it stopped.
 
-    python scripts/lora_experiments.py                          # all six, `tiny` (run the pipeline first; ~1 h on 2 cores)
-    python scripts/lora_experiments.py --only rank,scaling      # some of them
-    python scripts/lora_experiments.py --jobs 2 --threads 1     # two runs at a time, one thread each
-    python scripts/lora_experiments.py --quick                  # every experiment, `smoke` model, a few steps (tests)
-    python scripts/lora_experiments.py --render docs/07-lora-experiments.md --update   # refresh the docs' tables
+    python dev/lora_experiments.py                          # all six, `tiny` (run the pipeline first; ~1 h on 2 cores)
+    python dev/lora_experiments.py --only rank,scaling      # some of them
+    python dev/lora_experiments.py --jobs 2 --threads 1     # two runs at a time, one thread each
+    python dev/lora_experiments.py --quick                  # every experiment, `smoke` model, a few steps (tests)
+    python dev/lora_experiments.py --render docs/07-lora-experiments.md --update   # refresh the docs' tables
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -48,8 +49,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch
 
-from model.common import TinyMindError, atomic_save, atomic_write, atomic_write_text, repo_path, run_main, safe_load
-from scripts.run_pipeline import STAGES
+from model.common import (TinyMindError, atomic_save, atomic_write, atomic_write_text, find_checkpoint, repo_path,
+                          run_main, safe_load)
+from model.lora_variants import variants
+from model.model import TinyMindForCausalLM, get_config, load_model, save_model, state_fingerprint
+from model.model_lora import is_embedding, lora_modules, merge_lora
+from model.tokenizer import load_tokenizer
+from model.train_hook import TrainHook
+from tools.doc_blocks import fill_blocks
+from tools.measure import peak_memory_mb, reset_peak_memory
+from tools.recipes import STAGES
+from tools.scoring import evaluate_model, load_eval_sets
+from trainer import train_lora, train_sft
+from trainer.trainer_utils import read_csv_rows
 
 DATA = {"identity": "dataset/lora_identity.jsonl", "medical": "dataset/lora_medical.jsonl"}
 ATTENTION = "q_proj,k_proj,v_proj,o_proj"
@@ -76,13 +88,13 @@ class Run:
 
 
 def recipe(task: str, quick: bool) -> dict:
-    """The README recipe of each task (scripts/run_pipeline.py); --quick: a handful of steps on `smoke`."""
+    """The README recipe of each task (tools/recipes.py, as scripts/run_pipeline.py trains it); --quick: a
+    handful of steps on `smoke`."""
     if quick:
         return {"epochs": 2, "max_steps": 4, "batch_size": 8, "max_seq_len": 96, "learning_rate": 3e-3,
                 "lora_rank": 4, "lora_alpha": 8, "warmup_steps": 1}
-    from trainer.train_lora import build_parser
     stage = STAGES["tiny"][f"lora_{task}"]        # the pipeline's flags for this adapter, typed by train_lora
-    args = build_parser().parse_args(stage)
+    args = train_lora.build_parser().parse_args(stage)
     # identity: no flags, train_lora.py's defaults (4 epochs, lr 2e-3, r 16, alpha 32, all linear)
     return {"epochs": args.epochs, **{k.lstrip("-"): getattr(args, k.lstrip("-")) for k in stage[::2]}}
 
@@ -142,7 +154,6 @@ def experiment_runs(quick: bool) -> dict[str, list[Run]]:
                      flags={"lora_variant": v, "log_interval": 1, **({} if quick else {"epochs": 1})})
                  for v in ("lora", "pissa", "olora", "lora_ga")],
     }
-    from model.lora_variants import variants
     exps["family"] = [base] + [run(f"identity_{v}", "lora", "identity", flags={"lora_variant": v}, merge_check=True)
                                for v in variants()]
     merged: dict[str, Run] = {}
@@ -164,9 +175,8 @@ def experiment_runs(quick: bool) -> dict[str, list[Run]]:
 # -------------------------------------------------------------------------------------- scoring
 
 def score(model, tok, sets, device, quick: bool) -> dict:
-    """Evaluate the model as it is (scripts/evaluate.py) and keep the numbers the tables use: fractions, and
-    the held-out loss of the reference replies."""
-    from scripts.evaluate import evaluate_model
+    """Evaluate the model as it is (tools/scoring.py, as scripts/evaluate.py does) and keep the numbers the
+    tables use: fractions, and the held-out loss of the reference replies."""
     res = evaluate_model(model, tok, sets, device, batch_size=64, max_new_tokens=8 if quick else 48)
     g, i, m = res.get("general_qa", {}), res.get("identity", {}), res.get("medical_qa", {})
     return {"general": g.get("accuracy"), "identity_new": i.get("new_share"),
@@ -177,9 +187,6 @@ def score(model, tok, sets, device, quick: bool) -> dict:
 def make_scorer(sets, tok, device, parts: int, quick: bool):
     """A TrainHook that scores the model at the end of each of ``parts`` equal parts of training (each
     epoch when parts = epochs), keeps the model for the checks after training, and notes the peak memory."""
-    from scripts.bench_utils import peak_memory_mb, reset_peak_memory
-    from model.train_hook import TrainHook
-
     class Scorer(TrainHook):
         def __init__(self):
             self.points, self.seconds, self.model, self.total = [], 0.0, None, 0
@@ -209,7 +216,6 @@ def make_scorer(sets, tok, device, parts: int, quick: bool):
 
 def merge_error(model, vocab: int, seed: int = 0) -> float:
     """max |logits after merge_lora - logits with the live branch| / max |logits| on a fixed random batch."""
-    from model.model_lora import merge_lora
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, vocab, (2, 24), generator=g)
     model = copy.deepcopy(model).eval()
@@ -220,17 +226,11 @@ def merge_error(model, vocab: int, seed: int = 0) -> float:
 
 
 def loss_curve(csv_path: Path) -> list[list]:
-    from trainer.trainer_utils import read_csv_rows
     return [[int(r["step"]), round(float(r["train_loss"]), 5)] for r in read_csv_rows(csv_path) if r.get("train_loss")]
 
 
 def execute(run: Run, cfg: dict) -> dict:
     """Train and score one run in this process; returns its row for the results JSON."""
-    from model.model import load_model
-    from model.tokenizer import load_tokenizer
-    from scripts.evaluate import load_eval_sets
-    from trainer import train_lora, train_sft
-
     quick, hidden = cfg["quick"], cfg["hidden"]
     run_dir = Path(cfg["work_dir"]) / run.id
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -239,7 +239,6 @@ def execute(run: Run, cfg: dict) -> dict:
         try:
             base_file.symlink_to(Path(cfg["base"]).resolve())
         except OSError:
-            import shutil
             shutil.copyfile(cfg["base"], base_file)
     device = torch.device("cpu")
     tok = load_tokenizer()
@@ -283,7 +282,6 @@ def execute(run: Run, cfg: dict) -> dict:
         "points": scorer.points, "final": scorer.points[-1], "seconds": round(time.time() - t0, 1)})
     model = scorer.model
     if run.keep_A:
-        from model.model_lora import lora_modules, is_embedding
         atomic_save({n: m.lora_A[name].detach().float().clone() for n, m in lora_modules(model)
                      if name in m.lora_A and not is_embedding(m)}, run_dir / "lora_A.pth")
     if run.merge_check:
@@ -539,8 +537,7 @@ CLAIMS = {   # what each experiment tests, and where the claim comes from (print
     "init": "PiSSA / OLoRA / LoRA-GA converge faster than B = 0 (arXiv 2404.02948, 2406.01775, 2407.05000)",
     "family": "each variant's own promise: fewer parameters, less memory, closer to full fine-tuning (model/lora_variants)",
 }
-MARK = "<!-- lora_experiments:{} -->"
-END = "<!-- /lora_experiments -->"
+SOURCE = "lora_experiments"   # the docs' blocks <!-- lora_experiments:NAME --> (tools/doc_blocks.py)
 
 
 def load_results(path: Path) -> dict:
@@ -559,8 +556,6 @@ def load_results(path: Path) -> dict:
 def base_checkpoint(args) -> tuple[Path, int, str]:
     """The SFT checkpoint every run starts from: (path, hidden size, fingerprint). --quick makes a seeded
     random `smoke` model in the work folder (a LoRA learns on random weights too), so it needs nothing."""
-    from model.common import find_checkpoint
-    from model.model import TinyMindForCausalLM, get_config, load_model, save_model, state_fingerprint
     if args.quick:
         path = Path(args.work_dir) / "base" / "full_sft_64.pth"
         if not path.exists():
@@ -610,20 +605,12 @@ def build_parser():
     return p
 
 
-def render_blocks(text: str, results: dict) -> str:
-    """Replace each marked block of ``text`` by the experiment's table from ``results``."""
+def render_blocks(text: str, results: dict, where: str = "text") -> str:
+    """``text`` with each experiment's block (<!-- lora_experiments:NAME -->) set to its table from ``results``."""
     runs = experiment_runs(results.get("meta", {}).get("quick", False))
-    for name in EXPERIMENTS:
-        start = MARK.format(name)
-        if start not in text or name not in results["experiments"]:
-            continue
-        head, rest = text.split(start, 1)
-        if END not in rest:
-            raise TinyMindError(f"block {start} has no closing {END}")
-        _, tail = rest.split(END, 1)
-        block = render(name, runs[name], results["runs"], results["experiments"][name].get("extra", {}))
-        text = f"{head}{start}\n{block}\n{END}{tail}"
-    return text
+    tables = {name: render(name, runs[name], results["runs"], results["experiments"][name].get("extra", {}))
+              for name in EXPERIMENTS if name in results["experiments"]}
+    return fill_blocks(text, SOURCE, tables, where)[0]
 
 
 def main(argv=None):
@@ -642,7 +629,7 @@ def main(argv=None):
         if not doc.exists():
             raise TinyMindError(f"--render: {doc} not found")
         text = doc.read_text(encoding="utf-8")
-        new = render_blocks(text, load_results(results_path))
+        new = render_blocks(text, load_results(results_path), where=args.render)
         if args.update:
             atomic_write_text(doc, new)
             print(f"[lora_experiments] {doc}: tables {'rewritten' if new != text else 'already current'}")
@@ -671,7 +658,7 @@ def main(argv=None):
         results["meta"] = {"base": base.name, "base_fingerprint": fingerprint, "quick": args.quick, "seed": args.seed,
                            "machine": f"{platform.machine()}, {torch.get_num_threads() if args.jobs == 1 else threads} "
                                       f"threads per run, {args.jobs} job(s), torch {torch.__version__}",
-                           "command": "python scripts/lora_experiments.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                           "command": "python dev/lora_experiments.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                            "date": time.strftime("%Y-%m-%d")}
     # longest first, so that --jobs N ends together: full fine-tuning, medical (9 epochs), identity
     todo.sort(key=lambda r: (r.kind == "full", r.task == "medical", r.score_every, r.flags.get("epochs", 0)),
