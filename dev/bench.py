@@ -22,6 +22,12 @@ sides alike. Measurements (names for ``--only``):
                     (not with --quick: compiling takes about a minute per model)
   qlora_memory      bytes of the frozen base stored for QLoRA (linear layers NF4 + double quantisation, tied
                     embedding bf16) vs the fp32 base, `small` preset (a count of stored bytes, not a timing)
+  gemm_rate         GFLOP/s of the training step's own matrix products (`tiny`, batch 16x256: each linear
+                    layer's forward product and its two backward ones), fp32 and bf16, and which bf16 path
+                    ran (native: AVX512-BF16/AMX; else emulated)
+  train_flop_share  the training step's FLOP rate (6 N per token + attention) as a % of that GEMM rate,
+                    fp32 and bf16 autocast (the trainers' --dtype), timed interleaved with the products
+                    (where bf16 is emulated its step is many times slower: minutes on a 2-core CPU)
 
 It prints a markdown table (PASS/MISS per target) and writes JSON with the machine, command and date.
 
@@ -55,16 +61,17 @@ import time
 
 import torch
 
-from model.common import TinyMindError, atomic_write_text, repo_path, run_main, setup_device
+from model.common import TinyMindError, atomic_write_text, cpu_bf16_path, repo_path, run_main, setup_device
 from model.engine import decode_weights
 from model.model import TinyMindForCausalLM, get_config
 from model.model_lora import merge_lora
-from tools.measure import (add_lora, build_model, current_memory_mb, greedy, make_train_step, med, peak_memory_mb,
-                           random_batch, reset_peak_memory, sync, time_interleaved, unfused_copy)
+from tools.measure import (add_lora, build_model, cpu_info, current_memory_mb, greedy, make_train_step, med,
+                           peak_memory_mb, random_batch, reset_peak_memory, sync, time_interleaved, unfused_copy)
 from trainer.train_loop import build_optimizer
 
 MEASUREMENTS = ("lora_step", "lora_memory", "merged_forward", "unmerged_forward",
-                "kv_cache", "decode", "packing", "train", "train_compile", "qlora_memory")
+                "kv_cache", "decode", "packing", "train", "train_compile", "qlora_memory", "gemm_rate",
+                "train_flop_share")
 
 # Targets from the performance issue: (comparison, threshold). "within" means |value - 1| <= threshold.
 TARGETS = {
@@ -94,6 +101,8 @@ class Ctx:
         self.preset = args.preset or ("smoke" if q else "small")
         self.train_presets = ("smoke", "tiny") if q else ("tiny", "small")
         self.packing_preset = args.packing_preset or ("smoke" if q else "tiny")
+        self.flop_preset = self.train_presets[0]   # gemm_rate / train_flop_share: `tiny` (smoke with --quick)
+        self.flop_batch = args.batch_size or (2 if q else 16)   # the trainers' default batch of 16 x 256
         self.batch_size = args.batch_size or (2 if q else (4 if device.type == "cpu" else 16))
         self.seq_len = args.seq_len or (64 if q else 256)
         self.new_tokens = args.new_tokens or (24 if q else 256)
@@ -469,6 +478,116 @@ def bench_train_compile(ctx):
     return rows, details
 
 
+def linear_shapes(cfg):
+    """The step's parameter products, one (name, in, out, uses per forward) per shape: every nn.Linear of
+    the blocks and the LM head (a tied embedding's lookup is no product)."""
+    C, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = C // cfg.num_attention_heads * cfg.num_key_value_heads
+    return [("q_proj/o_proj", C, C, 2 * L), ("k_proj/v_proj", C, kv, 2 * L), ("gate_proj/up_proj", C, I, 2 * L),
+            ("down_proj", I, C, L), ("lm_head", C, cfg.vocab_size, 1)]
+
+
+def linear_products(rows, k, n, dtype, device, uses=1):
+    """(fn, FLOPs): ``uses`` times the three products of a linear layer's training step, as autograd runs
+    them for nn.Linear: y = x W^T, dx = dy W, dW = dy^T x (x: (rows, k), W: [n, k]), 2 rows k n FLOPs each."""
+    g = torch.Generator().manual_seed(0)
+    x, w, dy = (torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+                for shape in ((rows, k), (n, k), (rows, n)))
+
+    def fn():
+        with torch.no_grad():
+            for _ in range(uses):
+                torch.nn.functional.linear(x, w)
+                dy @ w
+                dy.t() @ x
+    return fn, uses * 6 * rows * k * n
+
+
+def bf16_path(device):
+    """Which bf16 arithmetic a device runs: the CPU's (native or emulated, model.common.cpu_bf16_path)."""
+    if device.type == "cuda":
+        return "CUDA bf16" if torch.cuda.is_bf16_supported() else "no CUDA bf16: emulated"
+    return cpu_bf16_path()
+
+
+FLOP_DTYPES = (("fp32", torch.float32), ("bf16", torch.bfloat16))
+
+
+def bench_gemm_rate(ctx):
+    """GFLOP/s of the step's own products per shape and dtype, and over the step's mix of them (the FLOPs
+    of every use of every shape / their time): the matrix rate a training step could reach."""
+    cfg = get_config(ctx.flop_preset)
+    rows_n = ctx.flop_batch * ctx.seq_len   # the batch's tokens: the rows of every product
+    shapes = linear_shapes(cfg)
+    fns, flops = {}, {}
+    for key, dtype in FLOP_DTYPES:
+        for name, k, n, _ in shapes:
+            fns[(key, name)], flops[(key, name)] = linear_products(rows_n, k, n, dtype, ctx.device)
+    times = ctx.time({f"{key} {name}": fn for (key, name), fn in fns.items()})
+    rows, details = [], {"preset": ctx.flop_preset, "tokens": rows_n, "bf16_path": bf16_path(ctx.device),
+                         "shapes": {name: {"in": k, "out": n, "uses": uses} for name, k, n, uses in shapes}}
+    for key, _ in FLOP_DTYPES:
+        rate = {name: flops[(key, name)] / med(times[f"{key} {name}"]) / 1e9 for name, _, _, _ in shapes}
+        total = sum(uses * flops[(key, name)] for name, _, _, uses in shapes)
+        mix = total / sum(uses * med(times[f"{key} {name}"]) for name, _, _, uses in shapes) / 1e9
+        details[key] = {"mix_gflop_s": mix, "gflop_s": rate,
+                        "seconds": {name: times[f"{key} {name}"] for name, _, _, _ in shapes}}
+        per_shape = ", ".join(f"{rows_n}x{k}x{n} {rate[name]:.0f}" for name, k, n, _ in shapes)
+        path = "" if key == "fp32" else f"; {details['bf16_path']}; {mix / details['fp32']['mix_gflop_s']:.2f}x fp32"
+        what = f"GEMM GFLOP/s at the training step's shapes ({ctx.flop_preset}, {rows_n} tokens, {key})"
+        rows.append(row(f"gemm_rate_{key}", what, mix, f"{mix:.0f} GFLOP/s over the step's mix (per shape "
+                                                       f"M x K x N: {per_shape}){path}", "GFLOP/s"))
+    return rows, details
+
+
+def step_flops_per_token(cfg, seq_len):
+    """Training FLOPs per token: 6 N for the parameter products (N = the blocks' linear weights + the LM head;
+    forward 2 N, backward 4 N) plus 12 L T C for attention (q k^T and the weighted sum of v, 2 T C each per
+    layer forward, times 3 with the backward; counted over all T keys as is usual, though causal attention
+    needs about half). Norms, RoPE, softmax and the optimizer are left out: they are not matrix products."""
+    n_params = sum(k * n * uses for _, k, n, uses in linear_shapes(cfg))   # each use is a weight of its own
+    return 6 * n_params + 12 * cfg.num_hidden_layers * seq_len * cfg.hidden_size
+
+
+def bench_train_flop_share(ctx):
+    """The training step's FLOP rate (``step_flops_per_token``) as a share of the GEMM rate at its own shapes,
+    fp32 and bf16 autocast. Each step and the step's parameter products alone (``linear_products``, every
+    use of every shape) are timed interleaved, so both sides of the share see the same moments of a busy
+    machine."""
+    cfg = get_config(ctx.flop_preset)
+    tokens = ctx.flop_batch * ctx.seq_len
+    model = build_model(ctx.flop_preset, ctx.device)
+    batch = random_batch(cfg.vocab_size, ctx.flop_batch, ctx.seq_len, ctx.device)
+    fns, product_flops = {}, {}
+    for key, dtype in FLOP_DTYPES:
+        fns[f"{key} step"] = make_train_step(copy.deepcopy(model), batch, dtype)
+        parts = [linear_products(tokens, k, n, dtype, ctx.device, uses) for _, k, n, uses in linear_shapes(cfg)]
+        fns[f"{key} products"] = lambda parts=parts: [fn() for fn, _ in parts]
+        product_flops[key] = sum(flops for _, flops in parts)
+    del model
+    times = ctx.time(fns)
+    step_flops = tokens * step_flops_per_token(cfg, ctx.seq_len)
+    rows, details = [], {"preset": ctx.flop_preset, "batch": [ctx.flop_batch, ctx.seq_len],
+                         "flops_per_token": step_flops // tokens, "bf16_path": bf16_path(ctx.device),
+                         "rule": "6 N + 12 L T C per token (N: linear weights of the blocks + LM head); the "
+                                 "GEMM rate: the step's parameter products alone, timed interleaved"}
+    for key, _ in FLOP_DTYPES:
+        step_s, products_s = med(times[f"{key} step"]), med(times[f"{key} products"])
+        step_rate, gemm_rate = step_flops / step_s / 1e9, product_flops[key] / products_s / 1e9
+        share = 100 * step_rate / gemm_rate
+        extra = ""
+        if key == "bf16":
+            extra = f"; {details['bf16_path']}; {details['fp32']['step_s_median'] / step_s:.2f}x fp32's step"
+        what = f"training step FLOP rate vs GEMM rate ({ctx.flop_preset}, batch {ctx.flop_batch}x{ctx.seq_len}, {key})"
+        rows.append(row(f"train_flop_share_{key}", what, share,
+                        f"{step_rate:.1f} GFLOP/s = {share:.0f}% of {gemm_rate:.1f} GFLOP/s ({tokens / step_s:.0f} "
+                        f"tok/s, {step_s:.3f} s/step; products alone {products_s:.3f} s){extra}", "% of limit"))
+        details[key] = {"step_s": times[f"{key} step"], "products_s": times[f"{key} products"],
+                        "step_s_median": step_s, "step_gflop_s": step_rate, "gemm_gflop_s": gemm_rate,
+                        "share_pct": share}
+    return rows, details
+
+
 def stored_bytes(model):
     """Bytes of the weights (the state dict: parameters and saved buffers, not the RoPE cache), a tensor
     shared by two modules (tied weights) counted once."""
@@ -504,6 +623,8 @@ BENCHES = {
     "train": bench_train,
     "train_compile": bench_train_compile,
     "qlora_memory": bench_qlora_memory,
+    "gemm_rate": bench_gemm_rate,
+    "train_flop_share": bench_train_flop_share,
 }
 
 
@@ -537,8 +658,9 @@ def render_report(report: dict) -> str:
         raise TinyMindError("not a TinyMind bench JSON (format 'tinymind-bench' with 'rows')")
     m = report.get("machine", {})
     gpu = f", {m['gpu']}" if m.get("gpu") else ""
-    machine = (f"{m.get('cpu', '?')} x{m.get('cpu_count', '?')}{gpu}, {m.get('torch_threads', '?')} torch threads, "
-               f"torch {m.get('torch', '?')}, Python {m.get('python', '?')}, {m.get('platform', '?')}")
+    bf16 = f" ({m['cpu_bf16']})" if m.get("cpu_bf16") else ""   # absent from results saved before it was kept
+    machine = (f"{m.get('cpu', '?')}{bf16} x{m.get('cpu_count', '?')}{gpu}, {m.get('torch_threads', '?')} torch "
+               f"threads, torch {m.get('torch', '?')}, Python {m.get('python', '?')}, {m.get('platform', '?')}")
     return (f"{markdown_table(report['rows'])}\n\nMachine: {machine}. Command: `{report.get('command', '?')}`. "
             f"Date: {report.get('date', '?')}.")
 
@@ -558,13 +680,8 @@ def render_file(path) -> str:
 
 
 def machine_info(device):
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+    return {"platform": platform.platform(), "cpu": cpu_info()["cpu"], "cpu_bf16": cpu_bf16_path(),
+            "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__, "device": str(device),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,

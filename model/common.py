@@ -14,7 +14,8 @@
 - ``find_checkpoint``: the one rule that turns (save_dir, name, hidden size or none) into a file;
   ``checkpoint_names`` lists the names it would find for one hidden size.
 - ``setup_device`` / ``DeviceContext``: the one rule that picks the device (cuda -> mps -> cpu), the
-  autocast dtype and DDP, used by every script.
+  autocast dtype and DDP, used by every script; ``native_bf16`` / ``cpu_native_bf16``: whether this
+  CPU multiplies bf16 matrices natively, which decides what ``--dtype auto`` trains in on a CPU.
 """
 from __future__ import annotations
 
@@ -140,6 +141,49 @@ def checkpoint_names(save_dir, hidden_size: int) -> list[str]:
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+# CPU features (as /proc/cpuinfo names them) that multiply bf16 matrices natively: AVX512-BF16's dot
+# products (AMD Zen 4+, Intel Cooper Lake+) and AMX's bf16 tiles (Intel Sapphire Rapids+). Without one, a
+# bf16 matrix product is converted to fp32 and back around fp32 arithmetic: slower than plain fp32.
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def native_bf16(flags) -> list[str]:
+    """The native-bf16 features among a CPU's feature ``flags`` (/proc/cpuinfo spelling, any case), in
+    ``NATIVE_BF16_FLAGS`` order; empty where bf16 would be emulated."""
+    have = {f.lower() for f in flags}
+    return [f for f in NATIVE_BF16_FLAGS if f in have]
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags: Linux's /proc/cpuinfo (first processor), plus torch's own probes of the
+    bf16 features, which also work where there is no /proc (macOS, Windows)."""
+    flags = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            line = next((l for l in f if l.startswith("flags")), "")
+        flags.update(line.partition(":")[2].split())
+    except OSError:
+        pass
+    probes = {"avx512_bf16": "_is_avx512_bf16_supported", "amx_bf16": "_is_amx_tile_supported"}
+    for flag, probe in probes.items():   # private helpers of torch.cpu: absent in some versions
+        if getattr(torch.cpu, probe, lambda: False)():
+            flags.add(flag)
+    return flags
+
+
+def cpu_native_bf16() -> list[str]:
+    """The native-bf16 features of this CPU (``native_bf16`` of ``cpu_flags``); empty: bf16 is emulated."""
+    return native_bf16(cpu_flags())
+
+
+def cpu_bf16_path(found: list[str] | None = None) -> str:
+    """How this CPU computes bf16, as one phrase for logs and the bench: "native bf16 (avx512_bf16)" or
+    "no native bf16 (AVX2): bf16 is emulated". ``found``: ``cpu_native_bf16()`` if already known."""
+    found = cpu_native_bf16() if found is None else found
+    if found:
+        return f"native bf16 ({', '.join(found)})"
+    return f"no native bf16 ({torch.backends.cpu.get_cpu_capability()}): bf16 is emulated"
+
 
 @dataclass
 class DeviceContext:
@@ -176,7 +220,8 @@ def setup_device(device: str = "auto", dtype: str = "auto", log: bool = True,
     (training, chat, evaluation, benchmark, conversion, server) calls this and nothing else.
 
     device: auto (cuda -> mps -> cpu), cpu, cuda, cuda:N, mps. dtype: auto, float32, bfloat16, float16
-    (auto: bf16 on a GPU that has it, else fp16; fp32 on CPU and MPS).
+    (auto: bf16 on a GPU that has it, else fp16; on a CPU bf16 for training where it has native bf16
+    (``cpu_native_bf16``), else fp32, as for inference on a CPU and on MPS).
     Training: ``dtype`` is the autocast dtype. Under ``torchrun --nproc_per_node N`` (WORLD_SIZE > 1)
     the process group is initialised here: NCCL when training on CUDA (each rank on cuda:LOCAL_RANK),
     Gloo on CPU.
@@ -224,8 +269,14 @@ def setup_device(device: str = "auto", dtype: str = "auto", log: bool = True,
             bf16 = torch.cuda.is_bf16_supported()
             amp = torch.bfloat16 if bf16 else torch.float16
             dwhy = "GPU supports bf16" if bf16 else "GPU lacks bf16, fp16 with loss scaling"
+        elif dev.type == "cpu" and not inference:
+            # bf16 autocast pays only where the CPU multiplies bf16 natively (dev/bench.py's gemm_rate
+            # compares the two rates); elsewhere it is emulated, slower than fp32, so those CPUs keep fp32
+            found = cpu_native_bf16()
+            amp = torch.bfloat16 if found else torch.float32
+            dwhy = f"auto: this CPU has {cpu_bf16_path(found)}"
         else:
-            amp, dwhy = torch.float32, f"{dev.type.upper()} trains in fp32"
+            amp, dwhy = torch.float32, f"auto: {dev.type.upper()} {'runs' if inference else 'trains'} in fp32"
     else:
         if dtype not in DTYPES:
             raise TinyMindError(f"--dtype {dtype}: expected auto, float32, bfloat16 or float16")

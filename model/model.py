@@ -8,7 +8,8 @@ What this file implements, top to bottom:
 - ``RMSNorm`` (computed in fp32), rotary position embeddings (RoPE, Llama's rotate-half convention,
   cos/sin tables precomputed once), ``Attention`` with grouped-query attention (GQA) through
   ``F.scaled_dot_product_attention`` or an equivalent hand-written path, the SwiGLU ``MLP``, the
-  pre-norm ``Block``, ``TinyMindModel`` (the stack) and ``TinyMindForCausalLM`` (+ tied LM head, loss).
+  pre-norm ``Block``, ``TinyMindModel`` (the stack) and ``TinyMindForCausalLM`` (+ tied LM head, loss;
+  model/loss_fused.py computes the same training loss in fewer passes on a CPU).
 - ``KVCache``: keys/values preallocated once per ``generate`` call and written in place.
 - ``TinyMindForCausalLM.generate``: greedy / temperature / top-k / top-p sampling, repetition
   penalty, per-row EOS stop, batched left-padded prompts, a streamer callback; the plain definition
@@ -35,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.common import TinyMindError, atomic_save, repo_path, safe_load
+from model.loss_fused import fused_ce_applies, fused_cross_entropy
 
 
 @dataclass
@@ -175,6 +177,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)    # (B, nkv, T, hd)
         if self.qk_norm:   # normalise each head's vector over its hd features, before RoPE rotates it
             q, k = self.q_norm(q), self.k_norm(k)
+        # the tables in q's dtype, as transformers' Llama does: under bf16 autocast fp32 tables would
+        # turn q and k into fp32 copies that attention casts straight back
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, start_pos, k, v)                            # (B, nkv, S, hd)
@@ -327,6 +332,8 @@ class TinyMindForCausalLM(nn.Module):
             targets = labels[:, 1:]
             keep = targets != -100                                                  # (B, T-1)
             logits = self.lm_head(h[:, :-1][keep])                                  # (N, V)
+            if fused_ce_applies(logits):   # the same loss in fewer passes over (N, V): model/loss_fused.py
+                return CausalLMOutput(fused_cross_entropy(logits, targets[keep]), None)
             return CausalLMOutput(F.cross_entropy(logits.float(), targets[keep]), None)
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)   # (B, T, V)
         return CausalLMOutput(None, logits)

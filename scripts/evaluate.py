@@ -4,7 +4,8 @@ What it measures (every prompt here is absent from every training file):
 - general QA accuracy: a reply is correct when it contains one of the item's answer keywords;
   reported overall and per subset ("kind"), e.g. held-out phrasings vs facts seen only in pretraining;
 - identity: the share of replies naming the base persona and the share naming the new one;
-- medical QA accuracy: the same keyword rule on questions about the conditions in lora_medical;
+- medical QA accuracy: the same keyword rule on questions about the conditions in lora_medical,
+  overall and per kind (which department to see, which symptoms to expect: the targets name them apart);
 - held-out loss / perplexity: teacher-forced loss on the reference replies of all three sets.
 
 Replies come from batched greedy decoding (left-padded prompts, one KV cache per batch), so a full
@@ -16,7 +17,8 @@ file is the command: which variants to score, the printed lines, and the report 
     python scripts/evaluate.py --weight full_sft --compare 1                    # SFT, +identity, +medical, +both
     python scripts/evaluate.py --weight full_sft --compare 1 --device cuda      # on a GPU
 
-`--compare 1` writes out/eval_report.json, out/eval_report.md and out/eval_chart.png.
+`--compare 1` writes out/eval_report.json, out/eval_report.md (the table of every variant, then the
+accuracy per kind of question) and out/eval_chart.png.
 """
 from __future__ import annotations
 
@@ -31,16 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch
 
-from model.common import atomic_write, atomic_write_text, find_checkpoint, repo_path, run_main, setup_device
-from model.engine import load_adapters, load_base
-from model.lora_adapters import set_active_adapters
+from model.common import atomic_write, atomic_write_text, repo_path, run_main, setup_device
+from model.engine import load_base
 from model.tokenizer import load_tokenizer
 from tools.cli import add_model_flags, lora_names
-from tools.scoring import evaluate_model, load_eval_sets
+from tools.scoring import compare_variants, each_variant, evaluate_model, load_eval_sets
 
-# The four variants the README compares: (label, adapters active).
-COMPARE = (("SFT", ()), ("+identity", ("lora_identity",)), ("+medical", ("lora_medical",)),
-           ("+both", ("lora_identity", "lora_medical")))
+# The sets whose accuracy is also reported per kind of question, and their short names in the kind table.
+KIND_SETS = (("general_qa", "general"), ("medical_qa", "medical"))
 
 
 # ----------------------------------------------------------------------------- report
@@ -49,7 +49,8 @@ def summary_row(label: str, res: dict) -> dict:
     g, i, m = res.get("general_qa", {}), res.get("identity", {}), res.get("medical_qa", {})
     return {"variant": label, "general_qa": g.get("accuracy"), "identity_new": i.get("new_share"),
             "identity_base": i.get("base_share"), "medical_qa": m.get("accuracy"),
-            "heldout_loss": res["heldout"]["loss"], "heldout_ppl": res["heldout"]["ppl"]}
+            "heldout_loss": res["heldout"]["loss"], "heldout_ppl": res["heldout"]["ppl"],
+            "general_qa_by_kind": g.get("by_kind"), "medical_qa_by_kind": m.get("by_kind")}
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -60,6 +61,30 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(f"| {r['variant']} | {pct(r['general_qa'])} | {pct(r['identity_new'])} | "
                      f"{pct(r['identity_base'])} | {pct(r['medical_qa'])} | "
                      f"{r['heldout_loss']:.3f} ({r['heldout_ppl']:.2f}) |")
+    return "\n".join(lines)
+
+
+def kind_table(rows: list[dict]) -> str:
+    """Accuracy per kind of question, one column per (set, kind), e.g. ``medical: medical_symptom (62)``;
+    a set without kinds (one "all") adds no column. Empty when no row has any."""
+    columns = {}   # (set, kind) -> number of questions, in the order first seen
+    for r in rows:
+        for key, _ in KIND_SETS:
+            kinds = r.get(f"{key}_by_kind") or {}
+            if set(kinds) != {"all"}:
+                for kind, k in kinds.items():
+                    columns.setdefault((key, kind), k["n"])
+    if not columns:
+        return ""
+    short = dict(KIND_SETS)
+    lines = ["| variant | " + " | ".join(f"{short[key]}: {kind} ({n})" for (key, kind), n in columns.items()) + " |",
+             "| --- |" + " --- |" * len(columns)]
+    for r in rows:
+        cells = []
+        for key, kind in columns:
+            acc = ((r.get(f"{key}_by_kind") or {}).get(kind) or {}).get("accuracy")
+            cells.append("—" if acc is None else f"{100 * acc:.1f}%")
+        lines.append(f"| {r['variant']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -95,7 +120,8 @@ def write_report(rows, results, out_dir: Path, meta: dict) -> dict:
              "png": out_dir / "eval_chart.png"}
     atomic_write_text(paths["json"], json.dumps({"meta": meta, "summary": rows, "results": results},
                                                 ensure_ascii=False, indent=1))
-    atomic_write_text(paths["md"], f"{markdown_table(rows)}\n\n{meta['machine']}; `{meta['command']}`; {meta['date']}\n")
+    tables = "\n\n".join(t for t in (markdown_table(rows), kind_table(rows)) if t)
+    atomic_write_text(paths["md"], f"{tables}\n\n{meta['machine']}; `{meta['command']}`; {meta['date']}\n")
     bar_chart(rows, paths["png"], f"TinyMind held-out evaluation ({meta['weight']}, {meta['date']})")
     return paths
 
@@ -130,19 +156,13 @@ def main(argv=None):
     tok = load_tokenizer()
 
     if args.compare:
-        variants = [(label, names) for label, names in COMPARE
-                    if all(find_checkpoint(save_dir, n, hidden, missing_ok=True) for n in names)]
+        variants = compare_variants(save_dir, hidden)
     else:
         names = tuple(lora_names(args.lora_weight))
         variants = [("+" + "+".join(names) if names else args.weight, names)]
-    loaded = list(dict.fromkeys(n for _, names in variants for n in names))   # each adapter once, in order
-    load_adapters(model, save_dir, loaded)
-    model.eval()
 
     rows, results = [], {}
-    for label, names in variants:
-        if loaded:
-            set_active_adapters(model, list(names) if names else None)
+    for label, _ in each_variant(model, save_dir, variants):
         t0 = time.time()
         res = evaluate_model(model, tok, sets, device, args.batch_size, args.max_new_tokens,
                              keep_replies=bool(args.out or args.show))
@@ -156,6 +176,8 @@ def main(argv=None):
             for ex in res[name].get("replies", [])[:args.show]:
                 print(f"    [{name}] {ex['question']} -> {ex['reply']}")
     print(markdown_table(rows))
+    if kind_table(rows):
+        print(kind_table(rows))
     meta = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {device.type}, torch {torch.__version__}",
             "command": "python scripts/evaluate.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d"), "weight": ckpt_path.name, "sets": {k: len(v) for k, v in sets.items()}}

@@ -13,16 +13,26 @@ continues it with ``--from_resume 1``. The evaluation always runs.
     python scripts/run_pipeline.py --device cuda        # the same on a GPU
     python scripts/run_pipeline.py --force              # retrain every stage
     python scripts/run_pipeline.py --seed 1 --save_dir out/seed1   # another seed (init, data order, split)
+    python scripts/run_pipeline.py --seeds 42,1,2       # the chain once per seed, and the spread report
     python scripts/run_pipeline.py --retrain_tokenizer  # also retrain model/tokenizer.json first
 
 At the end it prints the evaluation table (SFT alone, +identity, +medical, +both) and writes
 {save_dir}/pipeline_report.md and .json, {save_dir}/eval_report.* and {save_dir}/eval_chart.png.
+
+One run is one sample: the seed alone moves the medical adapter's score a lot (docs/06-evaluation.md,
+section 3.1). ``--seeds 42,1,2`` runs the chain once per seed, each exactly as
+``--seed N --save_dir {save_dir}/seed{N}`` would (so a seed whose files exist is skipped stage by stage,
+and ``--force`` retrains it), then writes {save_dir}/spread_report.md and .json (tools/spread.py):
+min / median / max of every score over the seeds, each seed's numbers and wall time, the demo's targets
+judged on the worst seed, and every variant's greedy replies to a few chat prompts per seed. A seed that
+fails stops the run with one line naming the seed and its log.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -32,9 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 from model.common import ROOT, TinyMindError, atomic_write_text, repo_path, run_main, safe_load
 from model.model import get_config
-from tools.recipes import STAGES
-
-ORDER = ("pretrain", "sft", "lora_identity", "lora_medical", "eval")
+from tools.recipes import ORDER, STAGES
+from tools.spread import parse_seeds, seed_dir, write_spread_report
 
 
 def stage_command(stage: str, recipe: list[str], args, hidden: int) -> tuple[list[str], Path | None]:
@@ -94,20 +103,70 @@ def build_parser():
     p.add_argument("--seed", type=int, default=None,
                    help="passed to every training stage (model init, data order, validation split, LoRA init); "
                         "default: the scripts' own (42)")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds, e.g. 42,1,2: the chain once per seed into {save_dir}/seed{N}/ "
+                        "(as --seed N --save_dir {save_dir}/seed{N}), then {save_dir}/spread_report.md/.json: "
+                        "min / median / max of every score, the targets on the worst seed, chat examples")
     p.add_argument("--retrain_tokenizer", action="store_true",
                    help="first retrain model/tokenizer.json on the shipped training files (the shipped one is "
-                        "already trained on them; checkpoints made with the old tokenizer become useless)")
+                        "already trained on them; checkpoints made with the old tokenizer become useless); "
+                        "with --seeds, once, before the first seed")
     return p
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    args.save_dir = repo_path(args.save_dir)
-    args.save_dir.mkdir(parents=True, exist_ok=True)
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+def parse_stages(text: str) -> list[str]:
+    stages = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in stages if s not in ORDER]
     if unknown:
         raise TinyMindError(f"--stages: unknown stage(s) {', '.join(unknown)}; choose from {', '.join(ORDER)}")
+    return stages
+
+
+def seed_argv(args, parser, seed: int, first: bool) -> list[str]:
+    """The command line of one seed of a --seeds run: --seed N --save_dir {save_dir}/seed{N} and the other
+    flags the user gave (the tokenizer, shared by every seed, is retrained only before the first)."""
+    argv = ["--seed", str(seed), "--save_dir", str(seed_dir(args.save_dir, seed))]
+    for name in ("preset", "device", "stages"):
+        if getattr(args, name) != parser.get_default(name):
+            argv += [f"--{name}", getattr(args, name)]
+    if args.force:
+        argv.append("--force")
+    if args.retrain_tokenizer and first:
+        argv.append("--retrain_tokenizer")
+    return argv
+
+
+def run_seeds(args, parser, argv: list[str]) -> dict:
+    """--seeds: the chain once per seed, in its own folder, then the spread report over them."""
+    if args.seed is not None:
+        raise TinyMindError("--seeds and --seed exclude each other (--seeds 42,1,2 runs every seed in its own folder)")
+    seeds = parse_seeds(args.seeds)
+    parse_stages(args.stages)   # a typo fails before the first seed trains
+    for k, seed in enumerate(seeds):
+        one = seed_argv(args, parser, seed, first=k == 0)
+        print(f"[pipeline] seed {seed} ({k + 1}/{len(seeds)}): python scripts/run_pipeline.py {shlex.join(one)}",
+              flush=True)
+        try:
+            main(one)
+        except TinyMindError as e:
+            raise TinyMindError(f"seed {seed}: {e}") from None
+    save_dir = repo_path(args.save_dir)
+    report = write_spread_report(save_dir, seeds, preset_hidden(args.preset), args.device, preset=args.preset,
+                                 command="python scripts/run_pipeline.py " + shlex.join(argv))
+    print(report["markdown"], end="")
+    print(f"[pipeline] {len(seeds)} seeds done; report: {save_dir / 'spread_report.md'}")
+    return report
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if args.seeds is not None:
+        return run_seeds(args, parser, argv)
+    stages = parse_stages(args.stages)
+    args.save_dir = repo_path(args.save_dir)
+    args.save_dir.mkdir(parents=True, exist_ok=True)
     hidden = preset_hidden(args.preset)
     recipe = STAGES[args.preset]
     t_start, timings, upstream_ran = time.time(), {}, False
@@ -136,10 +195,10 @@ def main(argv=None):
         print(f"[pipeline] {stage}: done in {timings[stage]:.1f}s", flush=True)
 
     total = time.time() - t_start
-    report = {"preset": args.preset, "device": args.device, "stage_seconds": timings, "total_seconds": round(total, 1),
+    report = {"preset": args.preset, "device": args.device, "seed": args.seed, "stage_seconds": timings,
+              "total_seconds": round(total, 1),
               "machine": f"{platform.machine()} {platform.system()}, python {platform.python_version()}",
-              "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python scripts/run_pipeline.py " +
-              " ".join(argv if argv is not None else sys.argv[1:])}
+              "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python scripts/run_pipeline.py " + " ".join(argv)}
     eval_json = args.save_dir / "eval_report.json"
     lines = [f"# TinyMind pipeline report ({args.preset})", "",
              "| stage | wall time |", "| --- | --- |"]

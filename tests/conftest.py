@@ -2,7 +2,7 @@
 
 - The repo root on sys.path, and one torch thread: test models are tiny, and on a busy 2-core machine
   a second thread costs more than it gives. ``one_thread`` re-pins it around every test, in case a
-  script under test changed it.
+  script under test changed it. ``cpu_without_native_bf16``: every test sees a CPU without native bf16.
 - ``make_model``: a seeded smoke-sized TinyMind (optionally with config overrides).
 - ``make_workspace``: tiny pretrain + SFT jsonl files and a byte-level BPE tokenizer trained on them,
   in a folder; ``save_smoke_sft``: a random smoke ``full_sft`` checkpoint sized to its tokenizer.
@@ -50,6 +50,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def cpu_without_native_bf16(monkeypatch):
+    """Every test sees a CPU without native bf16, so ``--dtype auto`` trains in fp32 on any machine and a
+    test's numbers do not depend on the CPU it runs on; tests/test_dtype.py patches it the other way."""
+    import model.common
+
+    monkeypatch.setattr(model.common, "cpu_native_bf16", lambda: [])
 
 
 def build_model(seed: int = 0, **overrides):

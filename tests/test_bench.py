@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from model.common import TinyMindError
+from model.model import get_config
 from conftest import dev_script
 
 bench = dev_script("bench")
@@ -49,6 +50,21 @@ def test_quick_bench_writes_every_measurement(tmp_path, capsys):
         assert row["unit"] == "% of limit"
         assert row["value"] == pytest.approx(100 * dec[f"{dtype}_tok_s"] / lim["limit_tok_s"])
     assert dec["bf16_limit"]["bytes_per_token"] * 2 == dec["fp32_limit"]["bytes_per_token"]
+
+    # the GEMM rate per dtype, and the step's FLOP rate as a share of it; each says which bf16 path ran
+    assert {"gemm_rate_fp32", "gemm_rate_bf16", "train_flop_share_fp32", "train_flop_share_bf16"} <= set(names)
+    path = "no native bf16 ("   # conftest: every test sees a CPU without native bf16
+    for name in ("gemm_rate", "train_flop_share"):
+        assert d[name]["details"]["bf16_path"].startswith(path)
+        assert path in next(r for r in data["rows"] if r["name"] == f"{name}_bf16")["result"]
+    share = d["train_flop_share"]["details"]
+    assert share["preset"] == "smoke"
+    assert share["flops_per_token"] == bench.step_flops_per_token(get_config("smoke"), 64)
+    for dtype in ("fp32", "bf16"):
+        row = next(r for r in data["rows"] if r["name"] == f"train_flop_share_{dtype}")
+        assert row["value"] == pytest.approx(100 * share[dtype]["step_gflop_s"] / share[dtype]["gemm_gflop_s"])
+        assert d["gemm_rate"]["details"][dtype]["mix_gflop_s"] > 0
+    assert machine["cpu_bf16"].startswith(path)
 
     printed = capsys.readouterr().out
     assert "| measurement | result | % of limit | target | status |" in printed and str(out) in printed
@@ -96,6 +112,33 @@ def test_lora_forward_matches_reference_formula():
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert B.grad is None and grads[2].shape == B.shape
+
+
+def test_step_flops_count_every_linear_weight_once():
+    """6 N per token over the weights of every nn.Linear (the tied head once) + 12 L T C for attention."""
+    from model.model import TinyMindForCausalLM
+
+    for preset in ("smoke", "tiny", "small"):
+        cfg = get_config(preset)
+        with torch.device("meta"):
+            model = TinyMindForCausalLM(cfg)
+        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        attention = 12 * cfg.num_hidden_layers * 256 * cfg.hidden_size
+        assert bench.step_flops_per_token(cfg, 256) == 6 * linear + attention
+        shapes = bench.linear_shapes(cfg)
+        assert sum(uses for *_, uses in shapes) == 7 * cfg.num_hidden_layers + 1   # 7 linears a block + head
+
+
+def test_render_tolerates_results_saved_before_the_flop_rows(tmp_path):
+    """A result JSON without the gemm/FLOP rows and without machine.cpu_bf16 (the committed one) still renders."""
+    report = {"format": "tinymind-bench", "date": "2025-01-01", "command": "python dev/bench.py",
+              "machine": {"cpu": "Some CPU", "cpu_count": 2},
+              "rows": [{"name": "kv_cache", "what": "kv", "value": 6.0, "unit": "x", "result": "6.0x",
+                        "target": ">= 5x", "status": "PASS"}]}
+    text = bench.render_report(report)
+    assert "| kv | 6.0x |  | >= 5x | PASS |" in text and "Machine: Some CPU x2," in text and "bf16" not in text
+    report["machine"]["cpu_bf16"] = "native bf16 (avx512_bf16)"
+    assert "Machine: Some CPU (native bf16 (avx512_bf16)) x2," in bench.render_report(report)
 
 
 def test_judge_targets():

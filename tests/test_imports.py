@@ -25,6 +25,7 @@ LAYERS = [
     ("model/common.py", 0),
     ("model/train_hook.py", 1),
     ("model/model.py", 1),
+    ("model/loss_fused.py", 1),
     ("model/tokenizer.py", 1),
     ("model/model_lora.py", 2),
     ("model/lora_*.py", 2),

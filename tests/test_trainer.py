@@ -137,7 +137,7 @@ def test_pretrain_smoke_files_logs_and_falling_loss(pretrained):
     train = [float(r["train_loss"]) for r in rows if r["train_loss"]]
     assert len(train) == 8 and train[-1] < train[0] - 1.0  # the loss goes down
     assert "epoch 2/2" in log and "step 40/40" in log
-    assert [r["step"] for r in rows if r["val_loss"]] == ["20", "40"]
+    assert [r["step"] for r in rows if r["val_loss"]] == ["20", "29", "40"]  # 29: the end of epoch 1
     assert metrics["steps"] == 40 and metrics["tokens"] == int(rows[-1]["tokens"]) and metrics["val_loss"] < 4.0
     resume = safe_load(out / "pretrain_64_resume.pth")
     assert resume["step"] == 40 and resume["finished"] and resume["run"]["stage"] == "pretrain"
@@ -184,6 +184,9 @@ def test_resume_is_bitwise_exact(ws, tmp_path, monkeypatch):
     m2, log = quiet(train_pretrain.main, pretrain_argv(ws, cut, *argv, "--from_resume", 1))
     assert "resumed from" in log and "at step 20/30" in log and m2["steps"] == 30
     assert_bitwise_equal(weights(straight / "pretrain_64.pth"), weights(cut / "pretrain_64.pth"))
+    # the epoch-1 held-out loss came through the resume file: the same per-epoch losses and verdict
+    assert m2["epoch_val_losses"] == m1["epoch_val_losses"] and len(m1["epoch_val_losses"]) == 2
+    assert m2["plateau"] == m1["plateau"]
     steps = [int(r["step"]) for r in trainer_utils.read_csv_rows(cut / "pretrain_64_log.csv") if r["train_loss"]]
     assert steps == list(range(3, 31, 3))  # every interval once, none twice across the interruption
 

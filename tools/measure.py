@@ -7,21 +7,39 @@ each run's peak memory with them), and the seeded models, batches and steps dev/
   seeded models, batches, training steps and decoding for every variant.
 - ``reset_peak_memory`` / ``peak_memory_mb`` / ``current_memory_mb``: CUDA allocator stats, or the
   process's resident set on the CPU (Linux VmHWM / statm).
+- ``cpu_info``: the CPU's model name and whether it computes bf16 natively (what a timing depends on).
 """
 import copy
 import os
+import platform
 import statistics
 import sys
 import time
 
 import torch
 
-from model.common import TinyMindError
+from model.common import DeviceContext, TinyMindError, cpu_native_bf16
 from model.engine import generate
 from model.model import TinyMindForCausalLM, get_config
 from model.lora_fused import use_plain_loop
 from model.model_lora import apply_lora, lora_modules
 from trainer.train_loop import build_optimizer
+
+
+def cpu_info() -> dict:
+    """The CPU's model name (Linux /proc/cpuinfo, else what ``platform`` says) and which native bf16 flags
+    it has: {"cpu": ..., "native_bf16": bool, "bf16_flags": [...]}."""
+    fields = {}   # the first processor's fields ("model name", ...)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    cpu = fields.get("model name") or platform.processor() or platform.machine()
+    found = cpu_native_bf16()   # the rule --dtype auto follows (model/common.py)
+    return {"cpu": cpu, "native_bf16": bool(found), "bf16_flags": found}
 
 
 def sync(device):
@@ -88,17 +106,20 @@ def unfused_copy(model):
     return loop
 
 
-def make_train_step(model, batch):
+def make_train_step(model, batch, dtype=torch.float32):
     """One optimizer step on ``batch``: forward, backward, the trainers' AdamW over the parameters that train.
+    ``dtype``: the autocast dtype, as the trainers' ``--dtype`` (float32: none).
 
     For LoRA only the adapters require grad, which is where its savings come from: no weight gradients
     (dW = dy^T x) and no AdamW moments for the frozen base weights.
     """
     opt = build_optimizer(model, lr=1e-4, weight_decay=0.1)
     model.train()
+    amp = DeviceContext(batch.device, dtype)   # the trainers' autocast rule
 
     def step():
-        loss = model(batch, labels=batch).loss
+        with amp.autocast():
+            loss = model(batch, labels=batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

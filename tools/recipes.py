@@ -1,11 +1,13 @@
 """The training recipes of the demo chain: each preset's flags for every stage, on top of the scripts' own
 defaults.
 
-``STAGES[preset][stage]`` is the list of flags scripts/run_pipeline.py passes to that stage's script
+``ORDER`` is the chain's stages in the order they run; ``STAGES[preset][stage]`` is the list of flags scripts/run_pipeline.py passes to that stage's script
 (pretrain, sft, lora_identity, lora_medical, eval); dev/lora_experiments.py starts every adapter of its
 sweeps from the same recipe, so that the experiments measure the model the pipeline trains.
 """
 from __future__ import annotations
+
+ORDER = ("pretrain", "sft", "lora_identity", "lora_medical", "eval")
 
 # Per-preset flags on top of each script's defaults. The defaults are the `tiny` demo recipe, so `tiny`
 # adds nothing but the medical adapter's recipe: a new 62-row table keyed on 62 one-token condition

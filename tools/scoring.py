@@ -7,8 +7,11 @@ dev/lora_experiments.py measures each variant with.
   naming the base persona and the new one).
 - ``generate_replies``: the greedy replies, batched (``model/engine.py::greedy_replies``).
 - ``heldout_loss``: the teacher-forced loss on the reference replies, computed by the training loop's own
-  ``trainer/train_loop.py::evaluate`` (one definition of a held-out loss: token-weighted mean).
+  ``trainer/heldout.py::evaluate`` (one definition of a held-out loss: token-weighted mean).
 - ``evaluate_model``: all of it for one model, whatever adapters are active.
+- ``COMPARE`` / ``compare_variants`` / ``each_variant``: the four variants the reports compare (SFT alone,
+  +identity, +medical, +both), which of them a folder has the LoRA files for, and the model answering as
+  each in turn: scripts/evaluate.py scores them, tools/spread.py shows their chat replies.
 """
 from __future__ import annotations
 
@@ -17,11 +20,16 @@ import math
 
 import torch
 
-from model.common import DeviceContext, TinyMindError, repo_path
-from model.engine import encode_chat, greedy_replies
-from trainer.train_loop import evaluate
+from model.common import DeviceContext, TinyMindError, find_checkpoint, repo_path
+from model.engine import encode_chat, greedy_replies, load_adapters
+from model.lora_adapters import set_active_adapters
+from trainer.heldout import evaluate
 
 EVAL_SETS = ("general_qa", "identity", "medical_qa")
+
+# The four variants the README compares: (label, adapters active).
+COMPARE = (("SFT", ()), ("+identity", ("lora_identity",)), ("+medical", ("lora_medical",)),
+           ("+both", ("lora_identity", "lora_medical")))
 
 
 # ----------------------------------------------------------------------------- data
@@ -136,3 +144,24 @@ def evaluate_model(model, tok, sets, device, batch_size=32, max_new_tokens=48, k
         all_items += items
     result["heldout"] = heldout_loss(model, tok, all_items, device, batch_size)
     return result
+
+
+# ----------------------------------------------------------------------------- the variants
+
+def compare_variants(save_dir, hidden_size: int) -> list[tuple[str, tuple[str, ...]]]:
+    """The variants of ``COMPARE`` whose LoRA files ``{save_dir}/{name}_{hidden}.pth`` all exist (SFT always)."""
+    return [(label, names) for label, names in COMPARE
+            if all(find_checkpoint(save_dir, n, hidden_size, missing_ok=True) for n in names)]
+
+
+def each_variant(model, save_dir, variants):
+    """Yield each (label, adapter names) of ``variants`` with exactly those adapters active, so the loop body
+    runs the model as that variant. Every adapter is loaded once, before the first (checked against the
+    base by ``load_adapters``); the model is put in eval mode."""
+    loaded = list(dict.fromkeys(n for _, names in variants for n in names))   # each adapter once, in order
+    load_adapters(model, save_dir, loaded)
+    model.eval()
+    for label, names in variants:
+        if loaded:
+            set_active_adapters(model, list(names) if names else None)
+        yield label, names

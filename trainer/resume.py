@@ -44,6 +44,8 @@ def run_key(args: argparse.Namespace, stage: str, ctx: DeviceContext, *extra_fla
     for n in names:
         v = getattr(args, n)
         key[n] = str(repo_path(v)) if n == "data_path" else v
+    if args.optimizer != "adamw":  # absent for the default, so resume files from before the flag still fit
+        key["optimizer"] = args.optimizer
     return key
 
 
@@ -156,7 +158,7 @@ def resume_payload(model: nn.Module, optimizer, scaler, state: dict, rng: dict, 
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng,
-        **state,  # step, epoch, step_in_epoch, tokens, elapsed_s, finished
+        **state,  # the position: trainer/train_loop.py::RESUME_FIELDS (step, epoch, ..., finished)
     }
     if hooks:
         payload["hooks"] = [h.state_dict() for h in hooks]

@@ -2,24 +2,24 @@
 
 Implements:
 - ``lr_at``: linear warmup, then cosine decay down to ``min_lr_ratio * learning_rate``.
-- ``build_optimizer``: AdamW with weight decay on matrices only, over the parameters that train. A
-  script may pass its own ``make_optimizer``; a param group's ``lr_scale`` multiplies the schedule.
-- ``evaluate``: token-weighted validation loss (all-reduced under DDP).
+- ``build_optimizer``: the ``--optimizer`` over the parameters that train (AdamW with weight decay
+  on matrices only, or Muon + AdamW; trainer/optim.py). A script may pass its own
+  ``make_optimizer``; a param group's ``lr_scale`` multiplies the schedule.
 - ``forward_backward`` / ``update_weights``: the body of one optimizer step, in two named halves.
 - ``RunPlan`` / ``RunState``: what a run trains and how (fixed before the first step), and where it
   stands (its position, kept in the resume file, and this session's clock and counters).
 - ``plan_run`` / ``start_run`` / ``wrap_model``: the set-up (optimizer and step counts; restore the
   resume file or seed a fresh run; torch.compile and DDP).
 - ``log_step`` / ``validate`` / ``save_checkpoint`` / ``validate_and_save`` / ``save_interrupted``: the
-  loop's named steps: log line and CSV row, validation pass, weights and resume files (atomic, rank 0
-  only), the resume file after Ctrl-C.
+  loop's named steps: log line and CSV row, validation pass (also at every epoch's end, with its
+  ``epoch`` line), weights and resume files (atomic, rank 0 only), the resume file after Ctrl-C.
 - ``train_loop``: lr -> step -> log -> validate/save, with gradient accumulation, clipping and a NaN
   guard. Returns its metrics (``close_run`` also draws the loss plot); ``finish_run`` prints the
-  closing line.
+  closing line, which says whether the stage ended on its plateau.
 
 The loop's one extension point, ``TrainHook``, lives in model/train_hook.py (the LoRA variants
 implement it without importing the trainer); exact resume (sampler, RNG states, resume files) lives in
-trainer/resume.py.
+trainer/resume.py; the held-out loss and the plateau verdict in trainer/heldout.py.
 """
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ from torch.utils.data import DataLoader
 
 from model.common import DeviceContext, TinyMindError, atomic_save
 from model.train_hook import TrainHook
+from trainer.heldout import epoch_line, evaluate, nearer_middle, plateau_verdict
+from trainer.optim import ADAMW_BETAS, OPTIMIZERS
 from trainer.resume import (epoch_batches, get_rng_states, load_resume, resume_payload, sample_lengths,
                             seed_everything, set_rng_states)
 from trainer.trainer_utils import RunFiles, TrainConfig, plot_loss, read_csv_rows, write_csv_rows
@@ -56,51 +58,20 @@ def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int, min_lr_rati
     return lr * (min_lr_ratio + (1.0 - min_lr_ratio) * cosine)
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95)) -> torch.optim.AdamW:
-    """AdamW over the parameters that train. Matrices (embeddings, linear weights, LoRA A/B) decay;
-    vectors (RMSNorm gains) do not: shrinking a norm gain towards 0 only hurts."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=ADAMW_BETAS,
+                    kind: str = "adamw") -> torch.optim.Optimizer:
+    """The optimizer over the parameters that train, by ``--optimizer`` (trainer/optim.py): ``adamw``
+    (weight decay on matrices only: embeddings, linear weights, LoRA A/B; never on RMSNorm gains) or
+    ``muon`` (Muon on the blocks' hidden matrices, AdamW on the embedding and the norms)."""
+    if not any(p.requires_grad for p in model.parameters()):
         raise TinyMindError("the model has no trainable parameters")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused: one kernel updates every tensor (same AdamW math); on a 2-core CPU the step of `small` takes
-    # 41 ms instead of 138 ms (the default for-loop; foreach: 150 ms), ~2.5% of a training step
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, fused=fused or None)
+    return OPTIMIZERS[kind](model, lr, weight_decay, betas)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(total, trainable) parameter counts; a tied weight is counted once."""
     params = list(model.parameters())  # .parameters() already yields a shared tensor only once
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, val_set, collate_fn, batch_size: int, ctx: DeviceContext, max_batches: int = 0) -> float | None:
-    """Token-weighted mean loss over the held-out slice (the first ``max_batches`` batches of it).
-    Under DDP the batches are split across ranks and the sums all-reduced, so every rank gets the
-    same number, equal to what one process would compute."""
-    if val_set is None or len(val_set) == 0:
-        return None
-    batches = [list(range(i, min(i + batch_size, len(val_set)))) for i in range(0, len(val_set), batch_size)]
-    if max_batches > 0:
-        batches = batches[:max_batches]
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=ctx.device)  # (sum of loss * tokens, tokens)
-    for b in batches[ctx.rank::ctx.world_size]:
-        input_ids, labels = collate_fn([val_set[i] for i in b])[:2]
-        input_ids, labels = input_ids.to(ctx.device), labels.to(ctx.device)
-        with ctx.autocast():
-            loss = model(input_ids, labels=labels).loss
-        n = (labels[:, 1:] != -100).sum()  # the tokens the (shifted) loss averages over
-        total += torch.stack([loss.double() * n, n.double()])
-    if ctx.ddp:
-        dist.all_reduce(total)
-    model.train(was_training)
-    return (total[0] / total[1]).item() if total[1] > 0 else None
 
 
 def _hms(seconds: float) -> str:
@@ -167,7 +138,8 @@ def set_lr(optimizer, lr: float) -> None:
 
 
 # The part of ``RunState`` a resume file keeps (trainer/resume.py::resume_payload).
-RESUME_FIELDS = ("step", "epoch", "step_in_epoch", "tokens", "elapsed_s", "finished")
+RESUME_FIELDS = ("step", "epoch", "step_in_epoch", "tokens", "elapsed_s", "epoch_val_losses", "mid_val_step",
+                 "mid_val_loss", "finished")
 
 
 @dataclass
@@ -201,6 +173,9 @@ class RunState:
     step_in_epoch: int = 0  # optimizer steps done inside that epoch
     tokens: int = 0  # real (non-pad) tokens trained on, all ranks together
     elapsed_s: float = 0.0  # wall time of every session so far
+    epoch_val_losses: list = field(default_factory=list)  # the held-out loss at each completed epoch's end
+    mid_val_step: int = -1  # the validation pass closest to the middle of the first epoch ...
+    mid_val_loss: float | None = None  # ... and its held-out loss (a one-epoch stage is judged on its halves)
     finished: bool = False  # the last step is done and the final files are written
     # --- this session only ---
     recent: deque = field(default_factory=deque)  # the last log_interval step losses
@@ -255,7 +230,10 @@ def plan_run(model: nn.Module, train_set, val_set, collate_fn: Callable, tc: Tra
     run (``train_loop``'s arguments are described there). Writes nothing."""
     model.to(ctx.device)
     model.train()
-    optimizer = (make_optimizer or build_optimizer)(model, tc.learning_rate, tc.weight_decay)
+    if make_optimizer is None:
+        optimizer = build_optimizer(model, tc.learning_rate, tc.weight_decay, kind=tc.optimizer)
+    else:  # a LoRA variant's own optimizer (train_lora.py refuses --optimizer muon)
+        optimizer = make_optimizer(model, tc.learning_rate, tc.weight_decay)
     n = len(train_set)
     if n < ctx.world_size:
         raise TinyMindError(f"the training split has {n} samples, fewer than the {ctx.world_size} processes")
@@ -279,8 +257,8 @@ def start_run(plan: RunPlan, resume: bool) -> RunState:
     state = RunState(recent=deque(maxlen=tc.log_interval))
     if resume and files.resume.exists():
         ck = load_resume(files.resume, plan.model, plan.optimizer, ctx.scaler, plan.key, plan.hooks)
-        for k in RESUME_FIELDS:
-            setattr(state, k, ck[k])
+        for k in RESUME_FIELDS:  # a file from before a field existed leaves that field's default
+            setattr(state, k, ck.get(k, getattr(state, k)))
         if ctx.is_main:
             set_rng_states(ck["rng"], ctx.device)
         else:  # only rank 0's RNG states are kept; the other ranks get a deterministic fresh stream
@@ -388,8 +366,30 @@ def validate(plan: RunPlan, state: RunState) -> None:
         plan.ctx.log(f"step {state.step}/{plan.total_steps} | val_loss {state.val_loss:.4f}")
         log_row(plan, step=state.step, epoch=state.epoch + 1, tokens=state.tokens,
                 val_loss=f"{state.val_loss:.6f}", elapsed_s=f"{state.elapsed_s:.1f}")
+        keep_epoch_progress(plan, state)
     for h in plan.hooks:
         h.at_validation(plan.model, state.step, state.val_loss)
+
+
+def keep_epoch_progress(plan: RunPlan, state: RunState) -> None:
+    """What the plateau verdict needs from the pass just made: at an epoch's end its held-out loss (and
+    the epoch line); inside the first epoch, the pass closest to its middle."""
+    if state.step_in_epoch == plan.steps_per_epoch:
+        # slice assignment: a pass repeated at the same epoch end (a finished run resumed) replaces it
+        state.epoch_val_losses[state.epoch:] = [state.val_loss]
+        plan.ctx.log(epoch_line(state.epoch_val_losses, plan.tc.epochs, state.mid_val_loss))
+        return
+    if state.epoch == 0 and nearer_middle(state.step, state.mid_val_step, plan.steps_per_epoch):
+        state.mid_val_step = state.step
+        state.mid_val_loss = state.val_loss
+
+
+def validate_lost_epoch_end(plan: RunPlan, state: RunState) -> None:
+    """A run stopped by Ctrl-C during the pass at an epoch's end resumes without that epoch's held-out
+    loss: make the pass again, so the run still knows every epoch."""
+    lost = state.step_in_epoch == plan.steps_per_epoch and len(state.epoch_val_losses) <= state.epoch
+    if lost and plan.val_set is not None:
+        validate(plan, state)
 
 
 def save_checkpoint(plan: RunPlan, state: RunState, rng: dict, weights: bool = True) -> None:
@@ -408,11 +408,16 @@ def save_checkpoint(plan: RunPlan, state: RunState, rng: dict, weights: bool = T
 
 
 def validate_and_save(plan: RunPlan, state: RunState) -> None:
-    """Every --eval_interval steps a validation pass, every --save_interval steps the files (the last
-    step does both after the loop). Their time is left out of the next log line's tok/s."""
+    """A validation pass every --eval_interval steps and at every epoch's end (a one-epoch stage also
+    at its middle), then every --save_interval steps the files; the last step does both after the loop.
+    Validation comes first, so a resume file holds the held-out loss of the epoch that just ended.
+    Their time is left out of the next log line's tok/s."""
     tc, step = plan.tc, state.step
     t_pause = time.time()
-    if tc.eval_interval > 0 and step % tc.eval_interval == 0 and step < plan.total_steps:
+    every = tc.eval_interval > 0 and step % tc.eval_interval == 0
+    epoch_end = state.step_in_epoch == plan.steps_per_epoch
+    middle = tc.epochs == 1 and step == plan.steps_per_epoch // 2  # the plateau verdict compares halves
+    if (every or epoch_end or middle) and step < plan.total_steps:
         validate(plan, state)
     if tc.save_interval > 0 and step % tc.save_interval == 0 and step < plan.total_steps:
         save_checkpoint(plan, state, get_rng_states(plan.ctx.device))
@@ -442,9 +447,13 @@ def close_run(plan: RunPlan, state: RunState) -> dict:
     if plan.ctx.is_main and (plot := plot_loss(files.csv, files.png, f"{files.weights.stem} loss")):
         plan.ctx.log(f"loss curve: {plot}")
     session_tokens = state.tokens - state.tokens0
+    # no held-out loss at the end (--val_ratio 0): the plateau cannot be judged
+    epoch_losses = None if state.val_loss is None else list(state.epoch_val_losses)
     return {
         "final_loss": (sum(state.recent) / len(state.recent)) if state.recent else None,
         "val_loss": state.val_loss,
+        "epoch_val_losses": epoch_losses,
+        "plateau": plateau_verdict(epoch_losses, plan.tc.epochs, state.mid_val_loss),
         "steps": state.step,
         "total_steps": plan.total_steps,
         "tokens": state.tokens,
@@ -475,8 +484,9 @@ def train_loop(model: nn.Module, train_set, val_set, collate_fn: Callable, tc: T
     hooks: ``TrainHook``s, called in order at each of their moments.
     make_optimizer: ``(model, lr, weight_decay) -> optimizer``; default ``build_optimizer``.
 
-    Returns dict(final_loss, val_loss, steps, total_steps, tokens, tokens_per_s, wall_time_s,
-    interrupted, weights, resume).
+    Returns dict(final_loss, val_loss, epoch_val_losses (the held-out loss at each completed epoch's
+    end, None without a held-out set), plateau (``trainer/heldout.py::plateau_verdict``), steps,
+    total_steps, tokens, tokens_per_s, wall_time_s, interrupted, weights, resume).
     """
     plan = plan_run(model, train_set, val_set, collate_fn, tc, ctx, files, save_weights, run, list(hooks),
                     make_optimizer)
@@ -488,6 +498,7 @@ def train_loop(model: nn.Module, train_set, val_set, collate_fn: Callable, tc: T
         h.on_train_start(raw, plan.optimizer, plan.total_steps)
     state.start_clock(ctx.device)
     try:
+        validate_lost_epoch_end(plan, state)
         for epoch in range(state.epoch, tc.epochs):
             if state.step >= plan.total_steps:
                 break
@@ -525,11 +536,12 @@ def train_loop(model: nn.Module, train_set, val_set, collate_fn: Callable, tc: T
 
 
 def finish_run(metrics: dict, ctx: DeviceContext) -> dict:
-    """The closing summary line; after Ctrl-C, exit with status 130 (no traceback)."""
+    """The closing summary line, ending with whether the stage ended on its plateau; after Ctrl-C,
+    exit with status 130 (no traceback)."""
     if metrics["interrupted"]:
         raise SystemExit(130)
     loss = "n/a" if metrics["final_loss"] is None else f"{metrics['final_loss']:.4f}"
     val = "n/a" if metrics["val_loss"] is None else f"{metrics['val_loss']:.4f}"
     ctx.log(f"done: {metrics['steps']} steps, {metrics['tokens']:,} tokens in {metrics['wall_time_s']:.1f}s "
-            f"({metrics['tokens_per_s']:,.0f} tok/s), final loss {loss}, val loss {val}")
+            f"({metrics['tokens_per_s']:,.0f} tok/s), final loss {loss}, val loss {val} | {metrics['plateau']}")
     return metrics

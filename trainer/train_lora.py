@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import argparse
 
 from dataset.lm_dataset import collate_batch
-from model.common import cleanup_distributed, find_checkpoint, run_main, setup_device
+from model.common import TinyMindError, cleanup_distributed, find_checkpoint, run_main, setup_device
 from model.lora_variants import TrainSetup, add_variant_args, config_from_args, get_variant
 from model.model_lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, load_lora, save_lora
 from trainer.resume import run_key, seed_everything
@@ -74,6 +74,8 @@ def main(argv=None, hooks=()):
     """Train one adapter; ``hooks`` are extra ``TrainHook``s (e.g. dev/lora_experiments.py's scorer)."""
     args = build_parser().parse_args(argv)
     tc = TrainConfig.from_args(args)
+    if tc.optimizer != "adamw":  # A and B are two factors of one update, not hidden matrices (trainer/optim.py)
+        raise TinyMindError("--optimizer muon applies to full training (pretrain/SFT); LoRA trains with adamw")
     ctx = setup_device(args.device, args.dtype)
     try:
         # data, tokenizer, the frozen --from_weight model, the held-out split: nothing written yet

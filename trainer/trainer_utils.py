@@ -28,6 +28,7 @@ from dataset.lm_dataset import SFTDataset
 from model.common import TinyMindError, atomic_write, find_checkpoint, repo_path
 from model.model import TinyMindForCausalLM, get_config, load_model
 from model.tokenizer import TinyMindTokenizer, load_tokenizer
+from trainer.optim import OPTIMIZERS
 from trainer.resume import split_dataset
 
 CSV_FIELDS = ["step", "epoch", "tokens", "lr", "train_loss", "val_loss", "tok_per_s", "elapsed_s"]
@@ -64,7 +65,8 @@ class RunFlags:
     max_seq_len: int = flag(256, "tokens per training sequence (longer samples are truncated)")
     val_ratio: float = flag(0.02, "fraction of the samples held out for validation loss (0 = no validation)")
     device: str = flag("auto", "auto (cuda -> mps -> cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = flag("auto", "auto (bf16/fp16 autocast on CUDA, fp32 elsewhere), float32, bfloat16 or float16",
+    dtype: str = flag("auto", "auto (CUDA: bf16/fp16 autocast; CPU: bf16 autocast where it has native bf16, "
+                              "AVX512-BF16 or AMX, else fp32; MPS: fp32), float32, bfloat16 or float16",
                       choices=["auto", "float32", "bfloat16", "float16"])
     from_resume: int = flag(0, "1: continue from {save_dir}/{weight}_{hidden}_resume.pth exactly where it stopped",
                             choices=[0, 1])
@@ -85,10 +87,15 @@ class TrainConfig:
     warmup_steps: int = flag(0, "warmup length in optimizer steps; overrides --warmup_ratio when > 0")
     min_lr_ratio: float = flag(0.1, "cosine decay ends at learning_rate * min_lr_ratio")
     weight_decay: float = flag(0.1, "AdamW weight decay (applied to matrices only, never to norms)")
+    optimizer: str = flag("adamw", "adamw: AdamW on every weight; muon: Muon on the blocks' hidden matrices "
+                                   "(attention q/k/v/o, MLP gate/up/down), AdamW on the embedding/LM head and "
+                                   "the norms, at the same --learning_rate (full training only: pretrain and "
+                                   "SFT, not LoRA)", choices=list(OPTIMIZERS))
     max_steps: int = flag(0, "stop after this many optimizer steps; the schedule is fitted to it (0 = no cap)")
     val_batches: int = flag(8, "at most this many batches per validation pass (0 = the whole held-out slice)")
     log_interval: int = flag(10, "print a log line and a CSV row every N optimizer steps")
-    eval_interval: int = flag(100, "validation loss every N optimizer steps (0 = only at the end)")
+    eval_interval: int = flag(100, "validation loss every N optimizer steps (0 = only at each epoch's end, "
+                                   "and at the middle of a one-epoch run)")
     save_interval: int = flag(200, "write the checkpoint and the resume file every N optimizer steps "
                                    "(0 = only at the end)")
     seed: int = flag(42, "random seed (model init, data order, validation split)")
