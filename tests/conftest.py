@@ -203,6 +203,27 @@ def quiet(fn, *args, **kw):
     return result, buf.getvalue()
 
 
+def run_interrupted(monkeypatch, step: int, fn, *args) -> int:
+    """Run a training script's ``fn(*args)`` with Ctrl-C raised as optimizer step ``step`` begins (through
+    the loop's ``lr_at``, the first thing a step calls); returns the exit status the script left with."""
+    from trainer import train_loop
+
+    real = train_loop.lr_at
+
+    def interrupt(s, *a):
+        if s == step:
+            raise KeyboardInterrupt
+        return real(s, *a)
+
+    monkeypatch.setattr(train_loop, "lr_at", interrupt)
+    try:
+        with pytest.raises(SystemExit) as e:
+            quiet(fn, *args)
+    finally:
+        monkeypatch.setattr(train_loop, "lr_at", real)
+    return e.value.code
+
+
 def snapshot(folder: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 

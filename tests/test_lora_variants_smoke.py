@@ -18,13 +18,13 @@ import pytest
 import torch
 
 import eval_llm
-from conftest import assert_bitwise_equal, expect_user_error, lora_argv, quiet, with_base
+from conftest import assert_bitwise_equal, expect_user_error, lora_argv, quiet, run_interrupted, with_base
 from model.common import TinyMindError, safe_load
 from model.lora_variants import variants
 from model.model import load_model
 from model.model_lora import adapter_names, base_state_dict, load_lora, lora_modules, merge_lora
 from scripts.merge_lora import main as merge_main
-from trainer import train_lora, train_loop
+from trainer import train_lora
 
 # LoRA's own file on the fp32 base cannot reproduce a model whose base was not that base while training
 BASE_DIFFERS = {"qlora"}   # NF4 base while training; the file is meant for the full-precision base
@@ -154,17 +154,7 @@ def test_variant_resume_is_exact(name, ws, tmp_path, monkeypatch):
     argv = ["--lora_variant", name, *extra]
     straight, cut = with_base(ws, tmp_path, "straight"), with_base(ws, tmp_path, "cut")
     quiet(train_lora.main, lora_argv(ws, straight, *argv))
-    real = train_loop.lr_at
-
-    def interrupt(step, *a):
-        if step == stop:
-            raise KeyboardInterrupt
-        return real(step, *a)
-
-    monkeypatch.setattr(train_loop, "lr_at", interrupt)
-    with pytest.raises(SystemExit):
-        quiet(train_lora.main, lora_argv(ws, cut, *argv))
-    monkeypatch.setattr(train_loop, "lr_at", real)
+    run_interrupted(monkeypatch, stop, train_lora.main, lora_argv(ws, cut, *argv))
     _, log = quiet(train_lora.main, lora_argv(ws, cut, *argv, "--from_resume", 1))
     assert f"at step {stop}/{extra[1]}" in log
     assert ("resuming on the changed base" in log) == (name == "delta_lora")

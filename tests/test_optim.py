@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from conftest import assert_bitwise_equal, expect_user_error, lora_argv, quiet, snapshot, weights
+from conftest import assert_bitwise_equal, expect_user_error, lora_argv, quiet, run_interrupted, snapshot, weights
 from model.common import TinyMindError, safe_load, setup_device
 from model.model import TinyMindForCausalLM, get_config
-from trainer import train_loop, train_lora, train_pretrain
+from trainer import train_lora, train_pretrain
 from trainer.optim import Muon, MuonWithAdamW, hidden_matrices, orthogonalize
 from trainer.resume import run_key
 from trainer.train_loop import build_optimizer, set_lr
@@ -167,17 +167,7 @@ def test_muon_resume_is_bitwise_exact_and_refuses_an_adamw_file(ws, tmp_path, mo
     resume = safe_load(straight / "pretrain_64_resume.pth")
     assert set(resume["optimizer"]) == {"adamw", "muon"} and resume["run"]["optimizer"] == "muon"
 
-    real = train_loop.lr_at
-
-    def interrupt_at_8(step, *a):
-        if step == 8:
-            raise KeyboardInterrupt
-        return real(step, *a)
-
-    monkeypatch.setattr(train_loop, "lr_at", interrupt_at_8)
-    with pytest.raises(SystemExit):
-        quiet(train_pretrain.main, pretrain_argv(ws, cut, *argv))
-    monkeypatch.setattr(train_loop, "lr_at", real)
+    run_interrupted(monkeypatch, 8, train_pretrain.main, pretrain_argv(ws, cut, *argv))
     m2, log = quiet(train_pretrain.main, pretrain_argv(ws, cut, *argv, "--from_resume", 1))
     assert "at step 8/12" in log and m2["steps"] == 12
     assert_bitwise_equal(weights(straight / "pretrain_64.pth"), weights(cut / "pretrain_64.pth"))

@@ -9,8 +9,8 @@ import torch
 from model.common import safe_load
 from model.model import load_model
 from model.model_lora import base_state_dict, load_lora
-from conftest import assert_bitwise_equal, expect_user_error, lora_argv, quiet, snapshot, with_base
-from trainer import train_lora, train_loop, trainer_utils
+from conftest import assert_bitwise_equal, expect_user_error, lora_argv, quiet, run_interrupted, snapshot, with_base
+from trainer import train_lora, trainer_utils
 
 
 @pytest.mark.slow   # trains
@@ -61,17 +61,7 @@ def test_lora_resume_exact_and_refuses_other_rank(ws, tmp_path, monkeypatch, cap
     straight, cut = with_base(ws, tmp_path, "straight"), with_base(ws, tmp_path, "cut")
     quiet(train_lora.main, lora_argv(ws, straight, *argv))
 
-    real = train_loop.lr_at
-
-    def interrupt_at_17(step, *a):
-        if step == 17:
-            raise KeyboardInterrupt
-        return real(step, *a)
-
-    monkeypatch.setattr(train_loop, "lr_at", interrupt_at_17)
-    with pytest.raises(SystemExit):
-        quiet(train_lora.main, lora_argv(ws, cut, *argv))
-    monkeypatch.setattr(train_loop, "lr_at", real)
+    run_interrupted(monkeypatch, 17, train_lora.main, lora_argv(ws, cut, *argv))
     before = snapshot(cut)
     expect_user_error(capsys, train_lora.main, lora_argv(ws, cut, *argv, "--from_resume", 1, "--lora_rank", 8),
                       "different run", "lora_rank")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from conftest import assert_bitwise_equal, expect_user_error, quiet, snapshot, weights
+from conftest import assert_bitwise_equal, expect_user_error, quiet, run_interrupted, snapshot, weights
 from model.common import TinyMindError, safe_load, setup_device
 from trainer import train_loop, train_pretrain, train_sft, trainer_utils
 from trainer.resume import epoch_batches, get_rng_states, sample_lengths, set_rng_states, split_indices
@@ -167,19 +167,9 @@ def test_resume_is_bitwise_exact(ws, tmp_path, monkeypatch):
     m1, _ = quiet(train_pretrain.main, pretrain_argv(ws, straight, *argv))
     assert m1["steps"] == 30
 
-    real = train_loop.lr_at
-
-    def interrupt_at_20(step, *a):
-        if step == 20:
-            raise KeyboardInterrupt
-        return real(step, *a)
-
-    monkeypatch.setattr(train_loop, "lr_at", interrupt_at_20)
-    with pytest.raises(SystemExit) as e:
-        quiet(train_pretrain.main, pretrain_argv(ws, cut, *argv))
-    assert e.value.code == 130
+    code = run_interrupted(monkeypatch, 20, train_pretrain.main, pretrain_argv(ws, cut, *argv))
+    assert code == 130
     assert safe_load(cut / "pretrain_64_resume.pth")["step"] == 20
-    monkeypatch.setattr(train_loop, "lr_at", real)
 
     m2, log = quiet(train_pretrain.main, pretrain_argv(ws, cut, *argv, "--from_resume", 1))
     assert "resumed from" in log and "at step 20/30" in log and m2["steps"] == 30
