@@ -1,9 +1,10 @@
 """The whole TinyMind chain in one command: pretrain -> SFT -> lora_identity -> lora_medical -> evaluation.
 
 Each stage is the ordinary script a learner would run by hand (trainer/train_pretrain.py, ...), started
-as a subprocess. The scripts' defaults are the `tiny` demo recipe, so for `tiny` the pipeline passes only
-file names (and --seed, --device, --save_dir when given): `python trainer/train_sft.py` alone trains the
-same model as the pipeline's SFT stage. Other presets add the flags listed in tools/recipes.py::STAGES. A
+as a subprocess, with the file names (and --seed, --device, --save_dir when given) and the flags of the
+preset's recipe, tools/recipes.py::STAGES: for `tiny`, Muon for pretraining and the medical adapter's own
+recipe; the SFT and identity stages run on the scripts' defaults (`python trainer/train_sft.py` alone
+trains the same model as the pipeline's SFT stage). The command line of every stage is printed. A
 training stage whose output file already exists is skipped, unless a stage before it was retrained
 (``--force`` reruns everything); a stage that was interrupted left a resume file, and the next run
 continues it with ``--from_resume 1``. The evaluation always runs.
