@@ -13,6 +13,9 @@ What this file implements:
 - ``scaling_table``: ``LoRAConfig.scaling`` for alpha = 16 across ranks, plain and rsLoRA;
 - ``render_blocks`` / ``--update``: the docs hold these tables in ``<!-- doc_numbers:NAME -->`` blocks
   (tools/doc_blocks.py); ``--update`` rewrites them there, and tests/test_docs.py fails when they differ.
+- ``spread_blocks``: the README's tables of the committed three-seed run (docs/results/spread_report.json,
+  written by ``python scripts/run_pipeline.py --seeds 42,1,2``): ``<!-- spread:NAME -->`` blocks in README.md,
+  README_zh.md and docs/*.md, rendered by tools/spread.py::doc_tables and rewritten by ``--update`` too;
 - ``refresh_line_counts`` / ``--line_counts``: rewrite every stated line count in docs/*.md (``（path，N 行）``)
   to the file's current length (tests/test_docs.py fails when one is more than 10% off).
 
@@ -27,6 +30,7 @@ real ones, the values are never computed, so this runs in seconds.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -39,6 +43,7 @@ from model.lora_variants import config_from_args, get_variant, variants
 from model.model_lora import DEFAULT_TARGETS, LoRAConfig, apply_lora
 from tools.doc_blocks import fill_blocks, render_block
 from tools.shapes import shapes_only, shapes_only_model
+from tools.spread import doc_tables
 from trainer import train_lora
 
 RANKS = (4, 8, 16)
@@ -53,6 +58,8 @@ TARGET_SETS = (
 # the form tests/test_docs.py reads: （path，N 行） or (path, about N lines in Chinese)
 LINE_COUNT_RE = re.compile(r"([（(]\s*`?)([\w./-]+\.\w+)(`?\s*[，,]\s*约?\s*)(\d+)(\s*行\s*[）)])")
 SOURCE = "doc_numbers"   # the blocks' SOURCE in <!-- SOURCE:NAME --> (tools/doc_blocks.py)
+SPREAD_SOURCE = "spread"  # the blocks of the committed spread report
+SPREAD_REPORT = ROOT / "docs" / "results" / "spread_report.json"
 
 
 def fmt_m(n: int) -> str:
@@ -154,12 +161,23 @@ def render_blocks() -> dict[str, str]:
             "lora_scaling": scaling_table(), "lora_variants": variant_table()}
 
 
-def update_docs(blocks: dict[str, str], write: bool) -> list[str]:
-    """Rewrite (or, with write=False, just compare) every marked block in docs/*.md; returns the stale ones."""
+def spread_blocks(path=SPREAD_REPORT) -> dict[str, str]:
+    """Name -> markdown table of the committed spread report (tools/spread.py::doc_tables)."""
+    return doc_tables(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def block_files() -> list[Path]:
+    """The files that may hold generated blocks: docs/*.md and the two READMEs."""
+    return sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md", ROOT / "README_zh.md"]
+
+
+def update_docs(blocks: dict[str, str], write: bool, source: str = SOURCE) -> list[str]:
+    """Rewrite (or, with write=False, just compare) every marked block of ``source`` in the docs and
+    READMEs; returns the stale ones."""
     stale = []
-    for doc in sorted((ROOT / "docs").glob("*.md")):
+    for doc in block_files():
         text = doc.read_text(encoding="utf-8")
-        new, changed = fill_blocks(text, SOURCE, blocks, where=str(doc.relative_to(ROOT)))
+        new, changed = fill_blocks(text, source, blocks, where=str(doc.relative_to(ROOT)))
         stale += [f"{doc.relative_to(ROOT)}: {name}" for name in changed]
         if write and new != text:
             atomic_write_text(doc, new)
@@ -203,6 +221,8 @@ def main(argv=None):
         print(render_block(SOURCE, name, table) + "\n")
     if args.update or args.check:
         stale = update_docs(blocks, write=args.update)
+        if SPREAD_REPORT.is_file():
+            stale += update_docs(spread_blocks(), write=args.update, source=SPREAD_SOURCE)
         verb = "updated" if args.update else "out of date"
         print(f"{verb}: {', '.join(stale) if stale else 'nothing'}")
         if args.check and stale:

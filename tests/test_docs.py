@@ -204,6 +204,24 @@ def test_doc_number_tables_match_the_code():
     assert not problems, "\n  ".join(problems)
 
 
+def test_spread_tables_match_the_committed_report():
+    """The README's three-seed tables are exactly what the committed spread report renders."""
+    from conftest import dev_script
+    from tools.doc_blocks import find_blocks
+
+    doc_numbers = dev_script("doc_numbers")
+    blocks = doc_numbers.spread_blocks()
+    found, problems = set(), []
+    for doc in doc_files():
+        for name, body in find_blocks(doc.read_text(encoding="utf-8"), doc_numbers.SPREAD_SOURCE, rel(doc)):
+            found.add(name)
+            if body.strip() != blocks.get(name, "").strip():
+                problems.append(f"{rel(doc)}: block spread:{name} differs from docs/results/spread_report.json; "
+                                f"run `python dev/doc_numbers.py --update`")
+    assert found == set(blocks), f"README blocks {sorted(found)}, report tables {sorted(blocks)}"
+    assert not problems, "\n  ".join(problems)
+
+
 # ----------------------------------------------------------------------------- committed results
 
 RESULTS = DOCS / "results"

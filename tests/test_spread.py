@@ -293,3 +293,20 @@ def test_seeds_end_to_end_on_the_smoke_preset(tmp_path, monkeypatch):
     assert set(report["chat"]) == {3, 4} and len(report["chat"][3]["SFT"]) == len(S.CHAT_PROMPTS)
     assert report["per_seed"][3]["skipped"] == ["lora_identity", "lora_medical"]   # not among --stages
     assert (tmp_path / "spread_report.md").read_text(encoding="utf-8") == report["markdown"]
+
+
+def test_doc_tables_of_a_saved_report(three_seeds):
+    """The README's tables, from the report as read back from spread_report.json (seed keys are strings)."""
+    root, _ = three_seeds
+    S.write_spread_report(root, list(SEEDS), preset="tiny", chat=False)
+    report = json.loads((root / "spread_report.json").read_text(encoding="utf-8"))
+    report["chat"] = {str(s): {v: [f"{v} {s} {k}" for k in range(len(S.CHAT_PROMPTS))] for v in S.VARIANTS}
+                      for s in SEEDS}
+    tables = S.doc_tables(report)
+    assert "| SFT | 70.0–80.0% | 0.0% | 95.0–100.0% |" in tables["spread"]   # min–max; one value where all agree
+    assert tables["spread"].count("\n") == 1 + len(S.VARIANTS)
+    assert "| +identity: general QA drop from SFT ≤ 3 points | -1.0 / 3.0 / 0.0 points | PASS |" in tables["targets"]
+    assert "| pipeline wall time per seed ≤ 900 s (15 min) | 890 / 900 / — s | PASS |" in tables["targets"]
+    rows = tables["chat"].splitlines()
+    assert rows[0] == "| prompt | variant | seed 42 | seed 1 | seed 2 |" and len(rows) == 2 + len(S.DOC_CHAT)
+    assert rows[2] == f"| {S.CHAT_PROMPTS[0]} | +identity | +identity 42 0 | +identity 1 0 | +identity 2 0 |"

@@ -348,3 +348,51 @@ def write_spread_report(save_dir: Path, seeds: list[int], hidden_size: int | Non
     atomic_write_text(save_dir / "spread_report.json", json.dumps(report, ensure_ascii=False, indent=1))
     atomic_write_text(save_dir / "spread_report.md", text)
     return {**report, "markdown": text}
+
+
+# ----------------------------------------------------------------------------- tables for the README
+
+# (prompt index in CHAT_PROMPTS, variant) pairs the README shows per seed: each prompt with the variants
+# whose answer it tests.
+DOC_CHAT = ((0, "+identity"), (0, "+both"), (1, "+medical"), (1, "+both"), (2, "+medical"), (2, "+both"),
+            (3, "SFT"), (3, "+both"))
+DOC_SCORES = ("general_qa", "identity_new", "identity_base", "medical_qa", "medical_department", "medical_symptom")
+
+
+def doc_tables(report: dict) -> dict[str, str]:
+    """The README's tables of a spread report (as read back from spread_report.json): "spread" (min–max of
+    every score per variant), "targets" (each target with every seed's value and its status) and "chat"
+    (the replies to the chat prompts, a column per seed). dev/doc_numbers.py writes them into the docs'
+    ``<!-- spread:NAME -->`` blocks and tests/test_docs.py checks them against the committed report."""
+    names = {k: n for k, n, _ in SCORES}
+    seeds = [str(s) for s in report["seeds"]]
+    rows = ["| variant | " + " | ".join(names[k] for k in DOC_SCORES) + " |",
+            "| --- |" + " --- |" * len(DOC_SCORES)]
+    for variant, row in report["spread"].items():
+        cells = ["—" if row.get(k) is None else
+                 (f"{row[k]['min']:.1f}%" if abs(row[k]["max"] - row[k]["min"]) < 0.05
+                  else f"{row[k]['min']:.1f}–{row[k]['max']:.1f}%") for k in DOC_SCORES]
+        rows.append(f"| {variant} | " + " | ".join(cells) + " |")
+    spread_table = "\n".join(rows)
+
+    def per_seed(c: dict) -> str:
+        unit = {"seconds": " s", "general_drop": " points"}.get(c["measure"], "%")
+        fmt = "{:.0f}" if c["measure"] == "seconds" else "{:.1f}"
+        values = [c["per_seed"].get(s) for s in seeds]
+        text = " / ".join("—" if v is None else fmt.format(v) for v in values) + unit
+        if c["over_seeds"] and c["value"] is not None:
+            text = f"{c['value']:.1f} points"
+        return text
+
+    rows = ["| target | seeds " + " / ".join(seeds) + " | |", "| --- | --- | --- |"]
+    rows += [f"| {c['target']} | {per_seed(c)} | {c['status']} |" for c in report["targets"]]
+    targets_table = "\n".join(rows)
+
+    rows = ["| prompt | variant | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+            "| --- | --- |" + " --- |" * len(seeds)]
+    for k, variant in DOC_CHAT:
+        replies = [report["chat"].get(s, {}).get(variant) for s in seeds]
+        if any(r is None for r in replies):
+            continue
+        rows.append(f"| {report['chat_prompts'][k]} | {variant} | " + " | ".join(md_cell(r[k]) for r in replies) + " |")
+    return {"spread": spread_table, "targets": targets_table, "chat": "\n".join(rows)}
