@@ -13,6 +13,9 @@ What this file implements:
 - ``scaling_table``: ``LoRAConfig.scaling`` for alpha = 16 across ranks, plain and rsLoRA;
 - ``render_blocks`` / ``--update``: the docs hold these tables in ``<!-- doc_numbers:NAME -->`` blocks
   (tools/doc_blocks.py); ``--update`` rewrites them there, and tests/test_docs.py fails when they differ.
+- ``figure_value`` / ``update_figures``: numbers inside sentences of the docs and READMEs, marked
+  ``<!-- n: FILE PATH FORMAT -->1.24x<!-- /n -->`` (tools/doc_blocks.py), rendered from the committed
+  result file docs/results/FILE; ``--update`` rewrites them too, and tests/test_docs.py fails when one differs.
 - ``refresh_line_counts`` / ``--line_counts``: rewrite every stated line count in docs/*.md (``（path，N 行）``)
   to the file's current length (tests/test_docs.py fails when one is more than 10% off).
 
@@ -20,24 +23,25 @@ Models are built with the random initialisers switched off (tools/shapes.py): th
 real ones, the values are never computed, so this runs in seconds.
 
     python dev/doc_numbers.py            # print the tables
-    python dev/doc_numbers.py --update   # rewrite the marked tables in docs/*.md
+    python dev/doc_numbers.py --update   # rewrite the marked tables and inline figures in the docs
     python dev/doc_numbers.py --check    # exit 1 if a marked table in docs/*.md is out of date
     python dev/doc_numbers.py --line_counts   # refresh the line counts the docs state
 """
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from model.common import ROOT, atomic_write_text, run_main
+from model.common import ROOT, TinyMindError, atomic_write_text, run_main
 from model.model import PRESETS, get_config
 from model.lora_variants import config_from_args, get_variant, variants
 from model.model_lora import DEFAULT_TARGETS, LoRAConfig, apply_lora
-from tools.doc_blocks import fill_blocks, render_block
+from tools.doc_blocks import fill_blocks, fill_figures, lookup, render_block, render_figure
 from tools.shapes import shapes_only, shapes_only_model
 from trainer import train_lora
 
@@ -166,6 +170,41 @@ def update_docs(blocks: dict[str, str], write: bool) -> list[str]:
     return stale
 
 
+RESULTS = ROOT / "docs" / "results"
+
+
+def figure_docs() -> list[Path]:
+    """The files whose sentences may quote a result: docs/*.md and the two READMEs."""
+    return sorted((ROOT / "docs").glob("*.md")) + [p for p in (ROOT / "README.md", ROOT / "README_zh.md") if p.exists()]
+
+
+def figure_value(file: str, path: str, fmt: str, cache: dict | None = None) -> str:
+    """The text an inline figure shows: docs/results/FILE's value at PATH, formatted with FMT."""
+    where = f"<!-- n: {file} {path} {fmt} -->"
+    source = (RESULTS / file).resolve()
+    if RESULTS.resolve() not in source.parents or source.suffix != ".json" or not source.is_file():
+        raise TinyMindError(f"{where}: {file} is not a JSON file under docs/results/")
+    cache = {} if cache is None else cache
+    if source not in cache:
+        cache[source] = json.loads(source.read_text(encoding="utf-8"))
+    try:
+        return render_figure(lookup(cache[source], path, where), fmt)
+    except (ValueError, TypeError, IndexError, KeyError) as e:
+        raise TinyMindError(f"{where}: cannot format {fmt!r}: {e}") from None
+
+
+def update_figures(write: bool) -> list[str]:
+    """Re-render (or, with write=False, compare) every inline figure; returns the ones that differ."""
+    stale, cache = [], {}
+    for doc in figure_docs():
+        text = doc.read_text(encoding="utf-8")
+        new, changed = fill_figures(text, lambda f, p, fmt: figure_value(f, p, fmt, cache))
+        stale += [f"{doc.relative_to(ROOT)}: {c}" for c in changed]
+        if write and new != text:
+            atomic_write_text(doc, new)
+    return stale
+
+
 def refresh_line_counts() -> list[str]:
     """Set every stated line count in docs/*.md to the cited file's current length; returns what changed."""
     changed = []
@@ -189,7 +228,8 @@ def refresh_line_counts() -> list[str]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Print the parameter-count tables the docs quote, computed from the code.")
-    p.add_argument("--update", action="store_true", help="rewrite the <!-- doc_numbers:NAME --> tables in docs/*.md")
+    p.add_argument("--update", action="store_true", help="rewrite the <!-- doc_numbers:NAME --> tables in docs/*.md "
+                   "and the inline figures <!-- n: FILE PATH FORMAT --> in docs/*.md and the READMEs")
     p.add_argument("--check", action="store_true", help="exit 1 when a marked table in docs/*.md is out of date")
     p.add_argument("--line_counts", action="store_true",
                    help="rewrite the line counts stated in docs/*.md to the files' current lengths, then exit")
@@ -202,7 +242,7 @@ def main(argv=None):
     for name, table in blocks.items():
         print(render_block(SOURCE, name, table) + "\n")
     if args.update or args.check:
-        stale = update_docs(blocks, write=args.update)
+        stale = update_docs(blocks, write=args.update) + update_figures(write=args.update)
         verb = "updated" if args.update else "out of date"
         print(f"{verb}: {', '.join(stale) if stale else 'nothing'}")
         if args.check and stale:

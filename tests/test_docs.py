@@ -10,6 +10,8 @@ Checks, over docs/*.md and README.md / README_zh.md:
 - every local link and image in the docs points to a file that exists;
 - the tables in ``<!-- doc_numbers:NAME -->`` blocks (tools/doc_blocks.py) equal what dev/doc_numbers.py prints
   (parameter counts and LoRA percentages computed from the code);
+- every number quoted inside a sentence with an inline marker ``<!-- n: FILE PATH FORMAT -->`` shows what
+  dev/doc_numbers.py renders from docs/results/FILE (tools/doc_blocks.py), so prose cannot drift from a run;
 - the evaluation tables in docs/04-lora.md and README.md equal the committed report
   docs/results/eval_report.md, row for row.
 
@@ -202,6 +204,54 @@ def test_doc_number_tables_match_the_code():
                                 f"run `python dev/doc_numbers.py --update`")
     assert found, "no <!-- doc_numbers:... --> blocks in the docs"
     assert not problems, "\n  ".join(problems)
+
+
+def test_inline_figures_equal_their_result_files():
+    """A number in a sentence, marked with the result file and key it comes from, is what that file holds."""
+    from conftest import dev_script
+    from tools.doc_blocks import find_figures
+
+    doc_numbers = dev_script("doc_numbers")
+    problems, seen, cache = [], 0, {}
+    for doc in doc_numbers.figure_docs():
+        for file, path, fmt, shown in find_figures(doc.read_text(encoding="utf-8")):
+            seen += 1
+            want = doc_numbers.figure_value(file, path, fmt, cache)
+            if shown != want:
+                problems.append(f"{rel(doc)}: {file} {path} shows {shown!r}, the file says {want!r}")
+    assert seen >= 10, f"only {seen} inline figures (<!-- n: FILE PATH FORMAT -->) in the docs"
+    assert not problems, ("numbers in the prose differ from their result files; run "
+                          "`python dev/doc_numbers.py --update`:\n  " + "\n  ".join(problems))
+
+
+def test_inline_figure_markers_are_checked(tmp_path):
+    """The check above can fail: a wrong number, a missing key and an unclosed marker are all caught."""
+    from conftest import dev_script
+    from model.common import TinyMindError
+    from tools.doc_blocks import fill_figures, find_figures
+
+    doc_numbers = dev_script("doc_numbers")
+    good = doc_numbers.figure_value("bench.json", "measurements/lora_step/rows/0/value", "{:.2f}x")
+    text = "LoRA <!-- n: bench.json measurements/lora_step/rows/0/value {:.2f}x -->9.99x<!-- /n --> faster"
+    (_, _, _, shown), = find_figures(text)
+    assert shown == "9.99x" != good
+    fixed, changed = fill_figures(text, doc_numbers.figure_value)
+    assert changed and find_figures(fixed)[0][3] == good and fixed.endswith(" faster")
+    with pytest.raises(TinyMindError, match="no 'nope'"):
+        doc_numbers.figure_value("bench.json", "measurements/nope", "{}")
+    with pytest.raises(TinyMindError, match="not a JSON file"):
+        doc_numbers.figure_value("../../README.md", "x", "{}")
+    assert doc_numbers.figure_value("eval_report.json", "summary/variant=SFT/variant", "{}") == "SFT"
+
+
+def test_no_stray_figure_markers():
+    """Every inline opening marker has its closing one on the same line (else it would not be checked)."""
+    problems = []
+    for doc in doc_files():
+        for lineno, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
+            if line.count("<!-- n: ") != line.count("<!-- /n -->"):
+                problems.append(f"{rel(doc)}:{lineno}")
+    assert not problems, "inline figure markers not closed on their line:\n  " + "\n  ".join(problems)
 
 
 # ----------------------------------------------------------------------------- committed results
