@@ -85,7 +85,9 @@ class Run:
     probe: bool = False           # record the variant's own state before and after training (MechanismProbe)
 
     def key(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "id"}
+        """The settings that identify the run (``probe`` only where set: the runs measured before it
+        existed keep their key)."""
+        return {k: v for k, v in asdict(self).items() if k != "id" and not (k == "probe" and not v)}
 
 
 def recipe(task: str, quick: bool) -> dict:
@@ -120,10 +122,9 @@ def lora(r, **flags):
 
 
 def family_flags(variant: str, quick: bool) -> dict:
-    """The family's flags beyond the variant: every step logged (the loss curves are compared with plain
-    LoRA's), and Delta-LoRA's W updates starting a quarter into the run (its default K = 500 is the paper's,
-    longer than the whole run: with it, Delta-LoRA would be plain LoRA)."""
-    flags = {"log_interval": 1}
+    """The family's flags beyond the variant: Delta-LoRA's W updates start a quarter into the run (its
+    default K = 500 is the paper's, longer than the whole run: with it, Delta-LoRA is plain LoRA)."""
+    flags = {}
     if variant == "delta_lora":
         flags["delta_lora_start_step"] = 1 if quick else 30     # of 4 (quick) or 120 steps
     return flags
@@ -327,17 +328,15 @@ def same_as_lora(row: dict, lora_row: dict) -> bool:
 
 
 def mechanism_verdict(variant: str, row: dict, lora_row: dict | None) -> str:
-    """"yes" when the variant's own mechanism left its mark (MECHANISMS) and its run differs from plain
-    LoRA's; "NO: ..." naming what failed; "—" for rows measured before the probe existed."""
+    """"yes" when the variant's run differs from plain LoRA's and its own mechanism left its mark
+    (MECHANISMS); "NO: ..." naming what failed; "— (not probed)" for a row measured before the probe."""
+    if variant != "lora" and lora_row is not None and same_as_lora(row, lora_row):
+        return "NO: same loss curve and val loss as LoRA"
     facts = row.get("mechanism")
     if not facts:
-        return "—"
+        return "— (not probed)"
     what, check = MECHANISMS[variant]
-    if not check(facts):
-        return f"NO: {what} not seen"
-    if variant != "lora" and lora_row is not None and same_as_lora(row, lora_row):
-        return "NO: same loss curve as LoRA"
-    return "yes"
+    return "yes" if check(facts) else f"NO: {what} not seen"
 
 
 def merge_error(model, vocab: int, seed: int = 0) -> float:
@@ -553,11 +552,12 @@ def render(name: str, runs: list[Run], rows: dict, extra: dict) -> str:
         for r, x in got:
             f = x["final"]
             v = r.flags["lora_variant"]
-            body.append([v, f"{x['trainable']:,}", f"{x['step_ms']:.0f}", f"{x['peak_mb']:.0f}",
+            stale = x.get("flags") != r.flags      # measured with other settings than the sweep's now
+            body.append([v + (" †" if stale else ""), f"{x['trainable']:,}", f"{x['step_ms']:.0f}", f"{x['peak_mb']:.0f}",
                          pct(f["identity_new"]), drop(f["general"], base.get("general")), num(x["val_loss"]),
                          f"{x['merge_error']:.1e}" if x.get("merge_error") is not None
                          else "refused" if x.get("merge_note") else "—"])
-            mech.append([v, MECHANISMS[v][0], mechanism_summary(x.get("mechanism", {})),
+            mech.append([v + (" †" if stale else ""), MECHANISMS[v][0], mechanism_summary(x.get("mechanism", {})),
                          mechanism_verdict(v, x, lora_row)])
         return (table(["variant", "trainable", "ms/step", "peak MB", "new persona", "Δ general", "val loss",
                        "merge error"], body) + "\n\n"

@@ -315,7 +315,7 @@ def bench_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
     return [(h, rows) for h, rows in markdown_tables(text) if h[0] == "measurement" and "status" in h]
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/04-lora.md", "docs/05-inference-and-chat.md",
+@pytest.mark.parametrize("doc", ["README.md", "README_zh.md", "docs/04-lora.md", "docs/05-inference-and-chat.md",
                                  "docs/06-evaluation.md"])
 def test_printed_bench_tables_equal_the_committed_bench_json(doc):
     """Every performance table is rows of docs/results/bench.json as ``dev/bench.py --render`` prints
