@@ -16,6 +16,9 @@ What this file implements:
 - ``figure_value`` / ``update_figures``: numbers inside sentences of the docs and READMEs, marked
   ``<!-- n: FILE PATH FORMAT -->1.24x<!-- /n -->`` (tools/doc_blocks.py), rendered from the committed
   result file docs/results/FILE; ``--update`` rewrites them too, and tests/test_docs.py fails when one differs.
+- ``chapter_footer`` / ``update_footers``: the last line of every chapter docs/NN-*.md, its links to the
+  next and the previous chapter, derived from the numbered files present (a new chapter joins the chain
+  with ``--update``; tests/test_docs.py fails when a footer is not the derived one).
 - ``refresh_line_counts`` / ``--line_counts``: rewrite every stated line count in docs/*.md (``（path，N 行）``)
   to the file's current length (tests/test_docs.py fails when one is more than 10% off).
 
@@ -205,6 +208,51 @@ def update_figures(write: bool) -> list[str]:
     return stale
 
 
+def chapter_files() -> list[Path]:
+    """docs/NN-*.md in reading order."""
+    return sorted(p for p in (ROOT / "docs").glob("*.md") if re.match(r"\d\d-", p.name))
+
+
+def chapter_label(path: Path) -> str:
+    """"04 LoRA" from the title "# 04 · LoRA：从公式到一行行代码" (the part before the first colon)."""
+    title = path.read_text(encoding="utf-8").splitlines()[0]
+    m = re.match(r"#\s*(\d\d)\s*·\s*(.+)", title)
+    if not m:
+        raise TinyMindError(f"docs/{path.name}: the first line must be '# NN · title'")
+    return f"{m.group(1)} {re.split('[：:]', m.group(2))[0].strip()}"
+
+
+def chapter_footer(chapters: list[Path], i: int) -> str:
+    """The prev/next line of chapter i: 下一章 (if any), 上一章 (if any); the last one leads back to 00."""
+    link = lambda k: f"[{chapter_label(chapters[k])}]({chapters[k].name})"
+    parts = []
+    if i + 1 < len(chapters):
+        parts.append(f"下一章：{link(i + 1)}。")
+    if i > 0:
+        parts.append(f"上一章：{link(i - 1)}。")
+    if i + 1 == len(chapters) and i > 0:
+        parts.append(f"回到 {link(0)}。")
+    return "".join(parts)
+
+
+FOOTER_RE = re.compile(r"\n---\n\n(下一章|上一章)[^\n]*\n*\Z")
+
+
+def update_footers(write: bool) -> list[str]:
+    """Set (or, with write=False, compare) each chapter's last line to ``chapter_footer``; returns the
+    chapters whose footer differed. A chapter without one gets it appended after a rule."""
+    chapters, stale = chapter_files(), []
+    for i, doc in enumerate(chapters):
+        text = doc.read_text(encoding="utf-8")
+        body = FOOTER_RE.sub("", text).rstrip("\n")
+        new = f"{body}\n\n---\n\n{chapter_footer(chapters, i)}\n"
+        if new != text:
+            stale.append(f"{doc.relative_to(ROOT)}: footer")
+            if write:
+                atomic_write_text(doc, new)
+    return stale
+
+
 def refresh_line_counts() -> list[str]:
     """Set every stated line count in docs/*.md to the cited file's current length; returns what changed."""
     changed = []
@@ -229,7 +277,8 @@ def refresh_line_counts() -> list[str]:
 def main(argv=None):
     p = argparse.ArgumentParser(description="Print the parameter-count tables the docs quote, computed from the code.")
     p.add_argument("--update", action="store_true", help="rewrite the <!-- doc_numbers:NAME --> tables in docs/*.md "
-                   "and the inline figures <!-- n: FILE PATH FORMAT --> in docs/*.md and the READMEs")
+                   "the inline figures <!-- n: FILE PATH FORMAT --> in docs/*.md and the READMEs, "
+                   "and each chapter's prev/next footer")
     p.add_argument("--check", action="store_true", help="exit 1 when a marked table in docs/*.md is out of date")
     p.add_argument("--line_counts", action="store_true",
                    help="rewrite the line counts stated in docs/*.md to the files' current lengths, then exit")
@@ -242,7 +291,8 @@ def main(argv=None):
     for name, table in blocks.items():
         print(render_block(SOURCE, name, table) + "\n")
     if args.update or args.check:
-        stale = update_docs(blocks, write=args.update) + update_figures(write=args.update)
+        stale = (update_docs(blocks, write=args.update) + update_figures(write=args.update)
+                 + update_footers(write=args.update))
         verb = "updated" if args.update else "out of date"
         print(f"{verb}: {', '.join(stale) if stale else 'nothing'}")
         if args.check and stale:

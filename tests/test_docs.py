@@ -95,7 +95,45 @@ def rel(p: Path) -> str:
 def test_chapters_exist_in_reading_order():
     names = [p.name for p in chapters()]
     numbers = [int(n[:2]) for n in names]
-    assert numbers[:7] == list(range(7)), f"expected docs/00-*.md ... docs/06-*.md, found {names}"
+    assert numbers == list(range(len(numbers))) and len(numbers) >= 8, \
+        f"expected docs/00-*.md, docs/01-*.md, ... without gaps (at least 00-07), found {names}"
+
+
+def test_chapters_form_one_prev_next_chain():
+    """Every chapter ends with links to the next and the previous one, derived from the numbered files
+    present (so a new docs/08-*.md must join the chain); the last leads back to 00."""
+    from conftest import dev_script
+
+    doc_numbers = dev_script("doc_numbers")
+    files = doc_numbers.chapter_files()
+    assert [p.name for p in files] == [p.name for p in chapters()]
+    problems = []
+    for i, doc in enumerate(files):
+        last = doc.read_text(encoding="utf-8").rstrip().splitlines()[-1]
+        want = doc_numbers.chapter_footer(files, i)
+        if last != want:
+            problems.append(f"{rel(doc)}: ends with {last!r}, expected {want!r}")
+        for k in (i - 1, i + 1):
+            if 0 <= k < len(files):
+                assert f"]({files[k].name})" in want
+    assert not problems, "run `python dev/doc_numbers.py --update`:\n  " + "\n  ".join(problems)
+    assert doc_numbers.update_footers(write=False) == [], "a chapter's footer is not the derived one"
+
+
+def test_chapter_sections_are_numbered():
+    """Every ## and ### heading of a chapter after the title and the '核心文件' list is numbered
+    ("## 3. ..." / "### 3.1 ..."), so a section can be cited by its number."""
+    problems = []
+    for chapter in chapters():
+        text = re.sub(r"```.*?```", "", chapter.read_text(encoding="utf-8"), flags=re.S)
+        for line in text.splitlines():
+            m = re.match(r"(#{2,3}) (.*)", line)
+            if not m or m.group(2).strip() == "核心文件":
+                continue
+            pattern = r"\d+\. " if m.group(1) == "##" else r"\d+\.\d+(\.\d+)? "
+            if not re.match(pattern, m.group(2)):
+                problems.append(f"{rel(chapter)}: {line.strip()!r}")
+    assert not problems, "unnumbered sections:\n  " + "\n  ".join(problems)
 
 
 @pytest.mark.parametrize("chapter", chapters(), ids=lambda p: p.name)
