@@ -325,7 +325,7 @@ def committed_eval_report() -> tuple[list[str], list[list[str]], str]:
     return tables[0][0], tables[0][1], meta[-1].strip()
 
 
-@pytest.mark.parametrize("doc", ["docs/04-lora.md", "README.md"])
+@pytest.mark.parametrize("doc", ["docs/04-lora.md", "docs/06-evaluation.md", "README.md"])
 def test_printed_eval_tables_equal_the_committed_report(doc):
     """A table of scores in the LoRA chapter or the README is docs/results/eval_report.md, row for row.
 
