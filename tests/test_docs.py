@@ -12,7 +12,7 @@ Checks, over docs/*.md and README.md / README_zh.md:
   (parameter counts and LoRA percentages computed from the code);
 - every number quoted inside a sentence with an inline marker ``<!-- n: FILE PATH FORMAT -->`` shows what
   dev/doc_numbers.py renders from docs/results/FILE (tools/doc_blocks.py), so prose cannot drift from a run;
-- the evaluation tables in docs/04-lora.md and README.md equal the committed report
+- the evaluation tables in docs/04-lora.md, docs/06-evaluation.md and README.md equal the committed report
   docs/results/eval_report.md, row for row.
 
 Everything is parsed with ``ast`` (no model is built except on the meta device), so this runs in seconds.
@@ -290,6 +290,83 @@ def test_no_stray_figure_markers():
             if line.count("<!-- n: ") != line.count("<!-- /n -->"):
                 problems.append(f"{rel(doc)}:{lineno}")
     assert not problems, "inline figure markers not closed on their line:\n  " + "\n  ".join(problems)
+
+
+# A command's flags that only say where files are, which device runs it, or ask for help.
+LOCATION_FLAGS = {"--save_dir", "--device", "--from_resume", "--help", "--dtype", "--watch_prompts"}
+# the demo's own files: what each training script writes by default, and the adapters' recipe stages
+DEMO_OUTPUT = {"trainer/train_pretrain.py": ("--weight", "pretrain", "pretrain"),
+               "trainer/train_sft.py": ("--weight", "full_sft", "sft"),
+               "trainer/train_lora.py": ("--lora_name", "lora_identity", None)}
+
+
+def doc_commands() -> list[tuple[str, str]]:
+    """(where, command) for every `python trainer/train_*.py ...` in the docs: lines of code blocks (with
+    backslash continuations joined) and commands written inline in backticks."""
+    found = []
+    for doc in doc_files():
+        text = doc.read_text(encoding="utf-8")
+        blocks = re.findall(r"^ *```[a-z]*\n(.*?)^ *```", text, re.S | re.M)
+        lines = [ln for b in blocks for ln in b.replace("\\\n", " ").splitlines()]
+        inline = re.findall(r"`(python [^`]+)`", re.sub(r"^ *```.*?^ *```", "", text, flags=re.S | re.M))
+        for cmd in lines + inline:
+            cmd = cmd.split("#")[0].strip()
+            if re.match(r"(python|torchrun .*?) trainer/train_(pretrain|sft|lora)\.py", cmd):
+                found.append((rel(doc), cmd))
+    return found
+
+
+def demo_overwrite(cmd: str) -> str | None:
+    """Why training command ``cmd`` would overwrite one of the demo's files with other settings than
+    that stage's recipe (tools/recipes.py), or None ("" for a command that writes no demo file)."""
+    from tools.recipes import STAGES
+
+    words = cmd.split()
+    script = next(w for w in words if w.startswith("trainer/train_"))
+    flag, default, stage = DEMO_OUTPUT[script]
+    args = words[words.index(script) + 1:]
+    pairs = {w: (args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else "")
+             for i, w in enumerate(args) if w.startswith("--")}
+    if "--help" in pairs or pairs.get("--preset", "tiny") != "tiny" or pairs.get("--hidden_size", "192") != "192":
+        return ""   # prints help, or writes another size's file
+    name = pairs.get(flag, default)
+    if stage is None:
+        stage = name if name in ("lora_identity", "lora_medical") else None
+    elif name != default:
+        stage = None
+    if stage is None:
+        return ""
+    recipe = STAGES["tiny"][stage]
+    want = dict(zip(recipe[::2], recipe[1::2]))
+    got = {k: v for k, v in pairs.items() if k not in LOCATION_FLAGS and k != flag}
+    data = {"lora_identity": "dataset/lora_identity.jsonl", "lora_medical": "dataset/lora_medical.jsonl"}
+    if stage in data:   # its own data file is the recipe's, said or not
+        if got.get("--data_path") == data[stage]:
+            del got["--data_path"]
+        want.pop("--data_path", None)
+    if got == want:
+        return None
+    return f"`{cmd}` writes the demo's {name} with other settings than its recipe {want}; give it a {flag} of its own"
+
+
+def test_doc_commands_never_overwrite_the_demo_files():
+    """A training command in the docs writes the demo's own file (out/pretrain_192.pth, full_sft_192.pth,
+    lora_identity_192.pth, lora_medical_192.pth) only when it is that stage's recipe (tools/recipes.py);
+    an experiment, a variant or an exercise writes under a name of its own."""
+    commands = doc_commands()
+    assert len(commands) >= 20, f"only {len(commands)} training commands found in the docs"
+    problems = [f"{where}: {why}" for where, cmd in commands if (why := demo_overwrite(cmd))]
+    assert not problems, "\n  ".join(problems)
+
+
+def test_demo_overwrite_check_catches_an_experiment_under_the_demo_name():
+    assert demo_overwrite("python trainer/train_lora.py --lora_variant qlora --qlora_double_quant 1")
+    assert demo_overwrite("python trainer/train_lora.py --lora_name lora_medical --data_path dataset/lora_medical.jsonl "
+                          "--epochs 9 --learning_rate 5e-3")
+    assert demo_overwrite("python trainer/train_pretrain.py --max_steps 30")
+    assert demo_overwrite("python trainer/train_lora.py --lora_name lora_identity --data_path dataset/lora_identity.jsonl") is None
+    assert demo_overwrite("python trainer/train_lora.py --lora_variant qlora --lora_name id_qlora") == ""
+    assert demo_overwrite("python trainer/train_sft.py --preset small --learning_rate 5e-5") == ""
 
 
 # ----------------------------------------------------------------------------- committed results
