@@ -315,7 +315,7 @@ def mechanism_summary(facts: dict) -> str:
     cells += [f"Δ{k} {v:.2g}" for k, v in mv.items() if k != "W"]
     if len(facts["lr_scales"]) > 1:
         cells.append("lr ×" + "/".join(f"{v:g}" for v in facts["lr_scales"]))
-    if facts["distinct_A"] < facts["layers"]:
+    if 0 < facts["distinct_A"] < facts["layers"]:   # VeRA has no per-layer A at all
         cells.append(f"{facts['distinct_A']} A for {facts['layers']} layers")
     if "lambda_zero_share" in facts:
         cells.append(f"λ=0: {100 * facts['lambda_zero_share']:.0f}%")
