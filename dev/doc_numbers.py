@@ -16,6 +16,12 @@ What this file implements:
 - ``spread_blocks``: the README's tables of the committed three-seed run (docs/results/spread_report.json,
   written by ``python scripts/run_pipeline.py --seeds 42,1,2``): ``<!-- spread:NAME -->`` blocks in README.md,
   README_zh.md and docs/*.md, rendered by tools/spread.py::doc_tables and rewritten by ``--update`` too;
+- ``figure_value`` / ``update_figures``: numbers inside sentences of the docs and READMEs, marked
+  ``<!-- n: FILE PATH FORMAT -->1.24x<!-- /n -->`` (tools/doc_blocks.py), rendered from the committed
+  result file docs/results/FILE; ``--update`` rewrites them too, and tests/test_docs.py fails when one differs.
+- ``chapter_footer`` / ``update_footers``: the last line of every chapter docs/NN-*.md, its links to the
+  next and the previous chapter, derived from the numbered files present (a new chapter joins the chain
+  with ``--update``; tests/test_docs.py fails when a footer is not the derived one).
 - ``refresh_line_counts`` / ``--line_counts``: rewrite every stated line count in docs/*.md (``（path，N 行）``)
   to the file's current length (tests/test_docs.py fails when one is more than 10% off).
 
@@ -23,7 +29,7 @@ Models are built with the random initialisers switched off (tools/shapes.py): th
 real ones, the values are never computed, so this runs in seconds.
 
     python dev/doc_numbers.py            # print the tables
-    python dev/doc_numbers.py --update   # rewrite the marked tables in docs/*.md
+    python dev/doc_numbers.py --update   # rewrite the marked tables and inline figures in the docs
     python dev/doc_numbers.py --check    # exit 1 if a marked table in docs/*.md is out of date
     python dev/doc_numbers.py --line_counts   # refresh the line counts the docs state
 """
@@ -37,11 +43,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
 
-from model.common import ROOT, atomic_write_text, run_main
+from model.common import ROOT, TinyMindError, atomic_write_text, run_main
 from model.model import PRESETS, get_config
 from model.lora_variants import config_from_args, get_variant, variants
 from model.model_lora import DEFAULT_TARGETS, LoRAConfig, apply_lora
-from tools.doc_blocks import fill_blocks, render_block
+from tools.doc_blocks import fill_blocks, fill_figures, lookup, render_block, render_figure
 from tools.shapes import shapes_only, shapes_only_model
 from tools.spread import doc_tables
 from trainer import train_lora
@@ -166,21 +172,96 @@ def spread_blocks(path=SPREAD_REPORT) -> dict[str, str]:
     return doc_tables(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
-def block_files() -> list[Path]:
-    """The files that may hold generated blocks: docs/*.md and the two READMEs."""
-    return sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md", ROOT / "README_zh.md"]
-
-
 def update_docs(blocks: dict[str, str], write: bool, source: str = SOURCE) -> list[str]:
     """Rewrite (or, with write=False, just compare) every marked block of ``source`` in the docs and
     READMEs; returns the stale ones."""
     stale = []
-    for doc in block_files():
+    for doc in figure_docs():
         text = doc.read_text(encoding="utf-8")
         new, changed = fill_blocks(text, source, blocks, where=str(doc.relative_to(ROOT)))
         stale += [f"{doc.relative_to(ROOT)}: {name}" for name in changed]
         if write and new != text:
             atomic_write_text(doc, new)
+    return stale
+
+
+RESULTS = ROOT / "docs" / "results"
+
+
+def figure_docs() -> list[Path]:
+    """The files whose sentences may quote a result: docs/*.md and the two READMEs."""
+    return sorted((ROOT / "docs").glob("*.md")) + [p for p in (ROOT / "README.md", ROOT / "README_zh.md") if p.exists()]
+
+
+def figure_value(file: str, path: str, fmt: str, cache: dict | None = None) -> str:
+    """The text an inline figure shows: docs/results/FILE's value at PATH, formatted with FMT."""
+    where = f"<!-- n: {file} {path} {fmt} -->"
+    source = (RESULTS / file).resolve()
+    if RESULTS.resolve() not in source.parents or source.suffix != ".json" or not source.is_file():
+        raise TinyMindError(f"{where}: {file} is not a JSON file under docs/results/")
+    cache = {} if cache is None else cache
+    if source not in cache:
+        cache[source] = json.loads(source.read_text(encoding="utf-8"))
+    try:
+        return render_figure(lookup(cache[source], path, where), fmt)
+    except (ValueError, TypeError, IndexError, KeyError) as e:
+        raise TinyMindError(f"{where}: cannot format {fmt!r}: {e}") from None
+
+
+def update_figures(write: bool) -> list[str]:
+    """Re-render (or, with write=False, compare) every inline figure; returns the ones that differ."""
+    stale, cache = [], {}
+    for doc in figure_docs():
+        text = doc.read_text(encoding="utf-8")
+        new, changed = fill_figures(text, lambda f, p, fmt: figure_value(f, p, fmt, cache))
+        stale += [f"{doc.relative_to(ROOT)}: {c}" for c in changed]
+        if write and new != text:
+            atomic_write_text(doc, new)
+    return stale
+
+
+def chapter_files() -> list[Path]:
+    """docs/NN-*.md in reading order."""
+    return sorted(p for p in (ROOT / "docs").glob("*.md") if re.match(r"\d\d-", p.name))
+
+
+def chapter_label(path: Path) -> str:
+    """"04 LoRA" from the title "# 04 · LoRA：从公式到一行行代码" (the part before the first colon)."""
+    title = path.read_text(encoding="utf-8").splitlines()[0]
+    m = re.match(r"#\s*(\d\d)\s*·\s*(.+)", title)
+    if not m:
+        raise TinyMindError(f"docs/{path.name}: the first line must be '# NN · title'")
+    return f"{m.group(1)} {re.split('[：:]', m.group(2))[0].strip()}"
+
+
+def chapter_footer(chapters: list[Path], i: int) -> str:
+    """The prev/next line of chapter i: 下一章 (if any), 上一章 (if any); the last one leads back to 00."""
+    link = lambda k: f"[{chapter_label(chapters[k])}]({chapters[k].name})"
+    parts = []
+    if i + 1 < len(chapters):
+        parts.append(f"下一章：{link(i + 1)}。")
+    if i > 0:
+        parts.append(f"上一章：{link(i - 1)}。")
+    if i + 1 == len(chapters) and i > 0:
+        parts.append(f"回到 {link(0)}。")
+    return "".join(parts)
+
+
+FOOTER_RE = re.compile(r"\n---\n\n(下一章|上一章)[^\n]*\n*\Z")
+
+
+def update_footers(write: bool) -> list[str]:
+    """Set (or, with write=False, compare) each chapter's last line to ``chapter_footer``; returns the
+    chapters whose footer differed. A chapter without one gets it appended after a rule."""
+    chapters, stale = chapter_files(), []
+    for i, doc in enumerate(chapters):
+        text = doc.read_text(encoding="utf-8")
+        body = FOOTER_RE.sub("", text).rstrip("\n")
+        new = f"{body}\n\n---\n\n{chapter_footer(chapters, i)}\n"
+        if new != text:
+            stale.append(f"{doc.relative_to(ROOT)}: footer")
+            if write:
+                atomic_write_text(doc, new)
     return stale
 
 
@@ -207,7 +288,9 @@ def refresh_line_counts() -> list[str]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Print the parameter-count tables the docs quote, computed from the code.")
-    p.add_argument("--update", action="store_true", help="rewrite the <!-- doc_numbers:NAME --> tables in docs/*.md")
+    p.add_argument("--update", action="store_true", help="rewrite the <!-- doc_numbers:NAME --> tables in docs/*.md "
+                   "the inline figures <!-- n: FILE PATH FORMAT --> in docs/*.md and the READMEs, "
+                   "and each chapter's prev/next footer")
     p.add_argument("--check", action="store_true", help="exit 1 when a marked table in docs/*.md is out of date")
     p.add_argument("--line_counts", action="store_true",
                    help="rewrite the line counts stated in docs/*.md to the files' current lengths, then exit")
@@ -220,7 +303,8 @@ def main(argv=None):
     for name, table in blocks.items():
         print(render_block(SOURCE, name, table) + "\n")
     if args.update or args.check:
-        stale = update_docs(blocks, write=args.update)
+        stale = (update_docs(blocks, write=args.update) + update_figures(write=args.update)
+                 + update_footers(write=args.update))
         if SPREAD_REPORT.is_file():
             stale += update_docs(spread_blocks(), write=args.update, source=SPREAD_SOURCE)
         verb = "updated" if args.update else "out of date"

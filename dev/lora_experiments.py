@@ -81,9 +81,12 @@ class Run:
     score_every: int = 0          # score at the end of each of this many equal parts of training (0: at the end)
     keep_A: bool = False          # save the adapters' A matrices (for the subspace similarity)
     merge_check: bool = False     # measure how exactly the trained adapter merges into W
+    probe: bool = False           # record the variant's own state before and after training (MechanismProbe)
 
     def key(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "id"}
+        """The settings that identify the run (``probe`` only where set: the runs measured before it
+        existed keep their key)."""
+        return {k: v for k, v in asdict(self).items() if k != "id" and not (k == "probe" and not v)}
 
 
 # The adapters' recipe the committed experiments ran with (the pipeline's until 2026-12-07; the pipeline now
@@ -125,6 +128,15 @@ def lora(r, **flags):
     return {"lora_rank": r, "lora_alpha": 2 * r, **flags}
 
 
+def family_flags(variant: str, quick: bool) -> dict:
+    """The family's flags beyond the variant: Delta-LoRA's W updates start a quarter into the run (its
+    default K = 500 is the paper's, longer than the whole run: with it, Delta-LoRA is plain LoRA)."""
+    flags = {}
+    if variant == "delta_lora":
+        flags["delta_lora_start_step"] = 1 if quick else 30     # of 4 (quick) or 120 steps
+    return flags
+
+
 def experiment_runs(quick: bool) -> dict[str, list[Run]]:
     """Each experiment's runs. Two runs with the same kind, task and flags are one run (first name wins):
     e.g. the medical adapter at r16 on q,k,v,o + embedding is learn_forget's, rank's and targets' run."""
@@ -161,8 +173,8 @@ def experiment_runs(quick: bool) -> dict[str, list[Run]]:
                      flags={"lora_variant": v, "log_interval": 1, **({} if quick else {"epochs": 1})})
                  for v in ("lora", "pissa", "olora", "lora_ga")],
     }
-    exps["family"] = [base] + [run(f"identity_{v}", "lora", "identity", flags={"lora_variant": v}, merge_check=True)
-                               for v in variants()]
+    exps["family"] = [base] + [run(f"identity_{v}", "lora", "identity", flags={"lora_variant": v, **family_flags(v, quick)},
+                                   merge_check=True, probe=True) for v in variants()]
     merged: dict[str, Run] = {}
     for runs in exps.values():
         for i, r in enumerate(runs):
@@ -171,6 +183,7 @@ def experiment_runs(quick: bool) -> dict[str, list[Run]]:
                 m = merged[key]
                 m.score_every, m.keep_A = max(m.score_every, r.score_every), m.keep_A or r.keep_A
                 m.merge_check = m.merge_check or r.merge_check
+                m.probe = m.probe or r.probe
                 runs[i] = m
             else:
                 merged[key] = r
@@ -219,6 +232,118 @@ def make_scorer(sets, tok, device, parts: int, quick: bool):
             self.seconds += time.time() - t0
 
     return Scorer()
+
+
+def adapter_state(model, name: str) -> dict[str, torch.Tensor]:
+    """Every tensor of adapter ``name``, grouped by its role, as fp32 copies: "A", "B", "W" (the base weight
+    the branch adds to; QLoRA's is dequantised) and each variant parameter by its own name (DoRA's
+    ``magnitude``, VeRA's ``vera_b`` / ``vera_d``, AdaLoRA's ``lora_E``). Values: the layers' tensors
+    flattened and concatenated, in module order."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    for _, m in lora_modules(model):
+        if name not in m.configs:
+            continue
+        found = {"W": m.base.weight}
+        if name in m.lora_A:
+            found.update(A=m.lora_A[name], B=m.lora_B[name])
+        if name in getattr(m, "variants", {}):
+            found.update(dict(m.variants[name].named_parameters(recurse=False)))
+        for role, t in found.items():
+            parts.setdefault(role, []).append(t.detach().float().flatten().clone())
+    return {role: torch.cat(ts) for role, ts in parts.items()}
+
+
+def rel_change(new: torch.Tensor, old: torch.Tensor) -> float:
+    """||new - old|| / ||old|| (or ||new|| where old is 0, as B at LoRA's init)."""
+    d = float((new - old).norm())
+    ref = float(old.norm())
+    return d / ref if ref > 0 else d
+
+
+class MechanismProbe(TrainHook):
+    """What a variant changes that plain LoRA does not, read off the model and the optimizer: the base W
+    before training against the SFT model's (PiSSA, OLoRA, LoRA-GA move it into the residual, QLoRA
+    quantises it), every adapter tensor's change during training (Delta-LoRA moves W, LoRA-FA keeps A,
+    DoRA trains a magnitude), the learning-rate scales of the optimizer's groups (LoRA+), the distinct A
+    matrices among the adapted layers (LoRA-drop shares one), and the share of AdaLoRA's λ pruned to zero."""
+
+    def __init__(self, name: str, sft_weights: dict[str, torch.Tensor]):
+        self.name, self.sft, self.start, self.facts = name, sft_weights, {}, {}
+
+    def on_train_start(self, model, optimizer, total_steps):
+        self.start = adapter_state(model, self.name)
+        layers = [m for _, m in lora_modules(model) if self.name in m.configs]
+        sft_w = torch.cat([self.sft[f"{n}.weight"].float().flatten() for n, m in lora_modules(model) if self.name in m.configs])
+        self.facts = {
+            "W_at_start_vs_sft": rel_change(self.start["W"], sft_w),
+            "B_at_start": float(self.start["B"].norm()) if "B" in self.start else None,
+            "lr_scales": sorted({float(g.get("lr_scale", 1.0)) for g in optimizer.param_groups}),
+            "layers": len(layers),
+            "distinct_A": len({id(m.lora_A[self.name]) for m in layers if self.name in m.lora_A}),
+        }
+
+    def finish(self, model) -> dict:
+        end = adapter_state(model, self.name)
+        facts = dict(self.facts)
+        facts["moved"] = {role: rel_change(end[role], self.start[role]) for role in end}
+        if "lora_E" in end:
+            facts["lambda_zero_share"] = float((end["lora_E"] == 0).float().mean())
+        return facts
+
+
+# variant -> (what its own mechanism leaves behind, the check on MechanismProbe's facts). Plain LoRA's row
+# is the reference: W untouched, A and B both trained, one lr, one A per layer.
+MECHANISMS = {
+    "lora": ("A and B train, W stays", lambda f: f["moved"]["W"] == 0 and f["moved"]["A"] > 0 and f["moved"]["B"] > 0),
+    "dora": ("magnitude m trains", lambda f: f["moved"].get("magnitude", 0) > 0),
+    "vera": ("only b, d train (shared A, B frozen)",
+             lambda f: f["moved"].get("vera_b", 0) > 0 and f["moved"].get("vera_d", 0) > 0 and "A" not in f["moved"]),
+    "pissa": ("W starts as the residual, B A = top singular part",
+              lambda f: f["W_at_start_vs_sft"] > 1e-3 and (f["B_at_start"] or 0) > 0),
+    "olora": ("W starts as the residual, B A from QR", lambda f: f["W_at_start_vs_sft"] > 1e-3 and (f["B_at_start"] or 0) > 0),
+    "lora_ga": ("W starts as the residual, B A from the gradient's SVD",
+                lambda f: f["W_at_start_vs_sft"] > 0 and (f["B_at_start"] or 0) > 0),
+    "qlora": ("W is 4-bit NF4 (differs from fp32 W)", lambda f: f["W_at_start_vs_sft"] > 1e-3 and f["moved"]["W"] == 0),
+    "adalora": ("budget prunes λ entries to 0", lambda f: f.get("lambda_zero_share", 0) > 0),
+    "lora_fa": ("A frozen, only B trains", lambda f: f["moved"]["A"] == 0 and f["moved"]["B"] > 0),
+    "lora_plus": ("B's lr = 16 x A's", lambda f: len(f["lr_scales"]) > 1 and max(f["lr_scales"]) / min(f["lr_scales"]) > 1),
+    "lora_pro": ("gradients projected (loss curve differs from LoRA's)", lambda f: True),
+    "delta_lora": ("W moves during training", lambda f: f["moved"]["W"] > 0),
+    "lora_drop": ("layers share one (A, B)", lambda f: f["distinct_A"] < f["layers"]),
+}
+
+
+def mechanism_summary(facts: dict) -> str:
+    """The probe's facts in one table cell: W's change at the start and in training, A's and B's change."""
+    if not facts:
+        return "—"
+    mv = facts["moved"]
+    cells = [f"W₀ {facts['W_at_start_vs_sft']:.1e}", f"ΔW {mv['W']:.1e}"]
+    cells += [f"Δ{k} {v:.2g}" for k, v in mv.items() if k != "W"]
+    if len(facts["lr_scales"]) > 1:
+        cells.append("lr ×" + "/".join(f"{v:g}" for v in facts["lr_scales"]))
+    if 0 < facts["distinct_A"] < facts["layers"]:   # VeRA has no per-layer A at all
+        cells.append(f"{facts['distinct_A']} A for {facts['layers']} layers")
+    if "lambda_zero_share" in facts:
+        cells.append(f"λ=0: {100 * facts['lambda_zero_share']:.0f}%")
+    return ", ".join(cells)
+
+
+def same_as_lora(row: dict, lora_row: dict) -> bool:
+    """A run indistinguishable from plain LoRA's: the same loss at every logged step and the same val loss."""
+    return row.get("loss_curve") == lora_row.get("loss_curve") and row.get("val_loss") == lora_row.get("val_loss")
+
+
+def mechanism_verdict(variant: str, row: dict, lora_row: dict | None) -> str:
+    """"yes" when the variant's run differs from plain LoRA's and its own mechanism left its mark
+    (MECHANISMS); "NO: ..." naming what failed; "— (not probed)" for a row measured before the probe."""
+    if variant != "lora" and lora_row is not None and same_as_lora(row, lora_row):
+        return "NO: same loss curve and val loss as LoRA"
+    facts = row.get("mechanism")
+    if not facts:
+        return "— (not probed)"
+    what, check = MECHANISMS[variant]
+    return "yes" if check(facts) else f"NO: {what} not seen"
 
 
 def merge_error(model, vocab: int, seed: int = 0) -> float:
@@ -270,11 +395,16 @@ def execute(run: Run, cfg: dict) -> dict:
         argv += [f"--{k}", str(v)]
     epochs = flags["epochs"]
     scorer = make_scorer(sets, tok, device, run.score_every or 0, quick)
+    hooks = [scorer]
+    if run.probe:   # the SFT model's weights, to see what a variant's init did to W
+        sft, _ = load_model(base_file)
+        hooks.append(MechanismProbe(name, {n: p.detach().clone() for n, p in sft.named_parameters()
+                                           if n.endswith(".weight")}))
     main = train_sft.main if run.kind == "full" else train_lora.main
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log):
-            metrics = main(argv, hooks=[scorer])
+            metrics = main(argv, hooks=hooks)
     finally:   # the trainer's output, also (above all) when it failed
         atomic_write_text(run_dir / "train.log", log.getvalue())
     if not scorer.points:
@@ -291,6 +421,8 @@ def execute(run: Run, cfg: dict) -> dict:
     if run.keep_A:
         atomic_save({n: m.lora_A[name].detach().float().clone() for n, m in lora_modules(model)
                      if name in m.lora_A and not is_embedding(m)}, run_dir / "lora_A.pth")
+    if run.probe:
+        row["mechanism"] = hooks[1].finish(model)
     if run.merge_check:
         try:
             row["merge_error"] = merge_error(model, model.config.vocab_size)
@@ -422,15 +554,22 @@ def render(name: str, runs: list[Run], rows: dict, extra: dict) -> str:
                          pct(x["final"]["identity_new"])])
         return table(["init", "loss @1", "@5", "@10", "@20", "final train loss", "val loss", "new persona"], body)
     if name == "family":
-        body = []
+        body, mech = [], []
+        lora_row = next((x for r, x in got if r.flags["lora_variant"] == "lora"), None)
         for r, x in got:
             f = x["final"]
-            body.append([r.flags["lora_variant"], f"{x['trainable']:,}", f"{x['step_ms']:.0f}", f"{x['peak_mb']:.0f}",
+            v = r.flags["lora_variant"]
+            stale = x.get("flags") != r.flags      # measured with other settings than the sweep's now
+            body.append([v + (" †" if stale else ""), f"{x['trainable']:,}", f"{x['step_ms']:.0f}", f"{x['peak_mb']:.0f}",
                          pct(f["identity_new"]), drop(f["general"], base.get("general")), num(x["val_loss"]),
                          f"{x['merge_error']:.1e}" if x.get("merge_error") is not None
                          else "refused" if x.get("merge_note") else "—"])
-        return table(["variant", "trainable", "ms/step", "peak MB", "new persona", "Δ general", "val loss",
-                      "merge error"], body)
+            mech.append([v + (" †" if stale else ""), MECHANISMS[v][0], mechanism_summary(x.get("mechanism", {})),
+                         mechanism_verdict(v, x, lora_row)])
+        return (table(["variant", "trainable", "ms/step", "peak MB", "new persona", "Δ general", "val loss",
+                       "merge error"], body) + "\n\n"
+                + table(["variant", "its own mechanism", "measured (W₀: W at the start vs SFT; Δ: change in training)",
+                         "at work"], mech))
     raise KeyError(name)
 
 

@@ -10,7 +10,9 @@ Checks, over docs/*.md and README.md / README_zh.md:
 - every local link and image in the docs points to a file that exists;
 - the tables in ``<!-- doc_numbers:NAME -->`` blocks (tools/doc_blocks.py) equal what dev/doc_numbers.py prints
   (parameter counts and LoRA percentages computed from the code);
-- the evaluation tables in docs/04-lora.md and README.md equal the committed report
+- every number quoted inside a sentence with an inline marker ``<!-- n: FILE PATH FORMAT -->`` shows what
+  dev/doc_numbers.py renders from docs/results/FILE (tools/doc_blocks.py), so prose cannot drift from a run;
+- the evaluation tables in docs/04-lora.md, docs/06-evaluation.md and README.md equal the committed report
   docs/results/eval_report.md, row for row.
 
 Everything is parsed with ``ast`` (no model is built except on the meta device), so this runs in seconds.
@@ -93,7 +95,45 @@ def rel(p: Path) -> str:
 def test_chapters_exist_in_reading_order():
     names = [p.name for p in chapters()]
     numbers = [int(n[:2]) for n in names]
-    assert numbers[:7] == list(range(7)), f"expected docs/00-*.md ... docs/06-*.md, found {names}"
+    assert numbers == list(range(len(numbers))) and len(numbers) >= 8, \
+        f"expected docs/00-*.md, docs/01-*.md, ... without gaps (at least 00-07), found {names}"
+
+
+def test_chapters_form_one_prev_next_chain():
+    """Every chapter ends with links to the next and the previous one, derived from the numbered files
+    present (so a new docs/08-*.md must join the chain); the last leads back to 00."""
+    from conftest import dev_script
+
+    doc_numbers = dev_script("doc_numbers")
+    files = doc_numbers.chapter_files()
+    assert [p.name for p in files] == [p.name for p in chapters()]
+    problems = []
+    for i, doc in enumerate(files):
+        last = doc.read_text(encoding="utf-8").rstrip().splitlines()[-1]
+        want = doc_numbers.chapter_footer(files, i)
+        if last != want:
+            problems.append(f"{rel(doc)}: ends with {last!r}, expected {want!r}")
+        for k in (i - 1, i + 1):
+            if 0 <= k < len(files):
+                assert f"]({files[k].name})" in want
+    assert not problems, "run `python dev/doc_numbers.py --update`:\n  " + "\n  ".join(problems)
+    assert doc_numbers.update_footers(write=False) == [], "a chapter's footer is not the derived one"
+
+
+def test_chapter_sections_are_numbered():
+    """Every ## and ### heading of a chapter after the title and the '核心文件' list is numbered
+    ("## 3. ..." / "### 3.1 ..."), so a section can be cited by its number."""
+    problems = []
+    for chapter in chapters():
+        text = re.sub(r"```.*?```", "", chapter.read_text(encoding="utf-8"), flags=re.S)
+        for line in text.splitlines():
+            m = re.match(r"(#{2,3}) (.*)", line)
+            if not m or m.group(2).strip() == "核心文件":
+                continue
+            pattern = r"\d+\. " if m.group(1) == "##" else r"\d+\.\d+(\.\d+)? "
+            if not re.match(pattern, m.group(2)):
+                problems.append(f"{rel(chapter)}: {line.strip()!r}")
+    assert not problems, "unnumbered sections:\n  " + "\n  ".join(problems)
 
 
 @pytest.mark.parametrize("chapter", chapters(), ids=lambda p: p.name)
@@ -222,6 +262,131 @@ def test_spread_tables_match_the_committed_report():
     assert not problems, "\n  ".join(problems)
 
 
+def test_inline_figures_equal_their_result_files():
+    """A number in a sentence, marked with the result file and key it comes from, is what that file holds."""
+    from conftest import dev_script
+    from tools.doc_blocks import find_figures
+
+    doc_numbers = dev_script("doc_numbers")
+    problems, seen, cache = [], 0, {}
+    for doc in doc_numbers.figure_docs():
+        for file, path, fmt, shown in find_figures(doc.read_text(encoding="utf-8")):
+            seen += 1
+            want = doc_numbers.figure_value(file, path, fmt, cache)
+            if shown != want:
+                problems.append(f"{rel(doc)}: {file} {path} shows {shown!r}, the file says {want!r}")
+    assert seen >= 10, f"only {seen} inline figures (<!-- n: FILE PATH FORMAT -->) in the docs"
+    assert not problems, ("numbers in the prose differ from their result files; run "
+                          "`python dev/doc_numbers.py --update`:\n  " + "\n  ".join(problems))
+
+
+def test_inline_figure_markers_are_checked(tmp_path):
+    """The check above can fail: a wrong number, a missing key and an unclosed marker are all caught."""
+    from conftest import dev_script
+    from model.common import TinyMindError
+    from tools.doc_blocks import fill_figures, find_figures
+
+    doc_numbers = dev_script("doc_numbers")
+    good = doc_numbers.figure_value("bench.json", "measurements/lora_step/rows/0/value", "{:.2f}x")
+    text = "LoRA <!-- n: bench.json measurements/lora_step/rows/0/value {:.2f}x -->9.99x<!-- /n --> faster"
+    (_, _, _, shown), = find_figures(text)
+    assert shown == "9.99x" != good
+    fixed, changed = fill_figures(text, doc_numbers.figure_value)
+    assert changed and find_figures(fixed)[0][3] == good and fixed.endswith(" faster")
+    with pytest.raises(TinyMindError, match="no 'nope'"):
+        doc_numbers.figure_value("bench.json", "measurements/nope", "{}")
+    with pytest.raises(TinyMindError, match="not a JSON file"):
+        doc_numbers.figure_value("../../README.md", "x", "{}")
+    assert doc_numbers.figure_value("eval_report.json", "summary/variant=SFT/variant", "{}") == "SFT"
+
+
+def test_no_stray_figure_markers():
+    """Every inline opening marker has its closing one on the same line (else it would not be checked)."""
+    problems = []
+    for doc in doc_files():
+        for lineno, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
+            if line.count("<!-- n: ") != line.count("<!-- /n -->"):
+                problems.append(f"{rel(doc)}:{lineno}")
+    assert not problems, "inline figure markers not closed on their line:\n  " + "\n  ".join(problems)
+
+
+# A command's flags that only say where files are, which device runs it, or ask for help.
+LOCATION_FLAGS = {"--save_dir", "--device", "--from_resume", "--help", "--dtype", "--watch_prompts"}
+# the demo's own files: what each training script writes by default, and the adapters' recipe stages
+DEMO_OUTPUT = {"trainer/train_pretrain.py": ("--weight", "pretrain", "pretrain"),
+               "trainer/train_sft.py": ("--weight", "full_sft", "sft"),
+               "trainer/train_lora.py": ("--lora_name", "lora_identity", None)}
+
+
+def doc_commands() -> list[tuple[str, str]]:
+    """(where, command) for every `python trainer/train_*.py ...` in the docs: lines of code blocks (with
+    backslash continuations joined) and commands written inline in backticks."""
+    found = []
+    for doc in doc_files():
+        text = doc.read_text(encoding="utf-8")
+        blocks = re.findall(r"^ *```[a-z]*\n(.*?)^ *```", text, re.S | re.M)
+        lines = [ln for b in blocks for ln in b.replace("\\\n", " ").splitlines()]
+        inline = re.findall(r"`(python [^`]+)`", re.sub(r"^ *```.*?^ *```", "", text, flags=re.S | re.M))
+        for cmd in lines + inline:
+            cmd = cmd.split("#")[0].strip()
+            if re.match(r"(python|torchrun .*?) trainer/train_(pretrain|sft|lora)\.py", cmd):
+                found.append((rel(doc), cmd))
+    return found
+
+
+def demo_overwrite(cmd: str) -> str | None:
+    """Why training command ``cmd`` would overwrite one of the demo's files with other settings than
+    that stage's recipe (tools/recipes.py), or None ("" for a command that writes no demo file)."""
+    from tools.recipes import STAGES
+
+    words = cmd.split()
+    script = next(w for w in words if w.startswith("trainer/train_"))
+    flag, default, stage = DEMO_OUTPUT[script]
+    args = words[words.index(script) + 1:]
+    pairs = {w: (args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else "")
+             for i, w in enumerate(args) if w.startswith("--")}
+    if "--help" in pairs or pairs.get("--preset", "tiny") != "tiny" or pairs.get("--hidden_size", "192") != "192":
+        return ""   # prints help, or writes another size's file
+    name = pairs.get(flag, default)
+    if stage is None:
+        stage = name if name in ("lora_identity", "lora_medical") else None
+    elif name != default:
+        stage = None
+    if stage is None:
+        return ""
+    recipe = STAGES["tiny"][stage]
+    want = dict(zip(recipe[::2], recipe[1::2]))
+    got = {k: v for k, v in pairs.items() if k not in LOCATION_FLAGS and k != flag}
+    data = {"lora_identity": "dataset/lora_identity.jsonl", "lora_medical": "dataset/lora_medical.jsonl"}
+    if stage in data:   # its own data file is the recipe's, said or not
+        if got.get("--data_path") == data[stage]:
+            del got["--data_path"]
+        want.pop("--data_path", None)
+    if got == want:
+        return None
+    return f"`{cmd}` writes the demo's {name} with other settings than its recipe {want}; give it a {flag} of its own"
+
+
+def test_doc_commands_never_overwrite_the_demo_files():
+    """A training command in the docs writes the demo's own file (out/pretrain_192.pth, full_sft_192.pth,
+    lora_identity_192.pth, lora_medical_192.pth) only when it is that stage's recipe (tools/recipes.py);
+    an experiment, a variant or an exercise writes under a name of its own."""
+    commands = doc_commands()
+    assert len(commands) >= 20, f"only {len(commands)} training commands found in the docs"
+    problems = [f"{where}: {why}" for where, cmd in commands if (why := demo_overwrite(cmd))]
+    assert not problems, "\n  ".join(problems)
+
+
+def test_demo_overwrite_check_catches_an_experiment_under_the_demo_name():
+    assert demo_overwrite("python trainer/train_lora.py --lora_variant qlora --qlora_double_quant 1")
+    assert demo_overwrite("python trainer/train_lora.py --lora_name lora_medical --data_path dataset/lora_medical.jsonl "
+                          "--epochs 9 --learning_rate 5e-3")
+    assert demo_overwrite("python trainer/train_pretrain.py --max_steps 30")
+    assert demo_overwrite("python trainer/train_lora.py --lora_name lora_identity --data_path dataset/lora_identity.jsonl") is None
+    assert demo_overwrite("python trainer/train_lora.py --lora_variant qlora --lora_name id_qlora") == ""
+    assert demo_overwrite("python trainer/train_sft.py --preset small --learning_rate 5e-5") == ""
+
+
 # ----------------------------------------------------------------------------- committed results
 
 RESULTS = DOCS / "results"
@@ -255,7 +420,7 @@ def committed_eval_report() -> tuple[list[str], list[list[str]], str]:
     return tables[0][0], tables[0][1], meta[-1].strip()
 
 
-@pytest.mark.parametrize("doc", ["docs/04-lora.md", "README.md"])
+@pytest.mark.parametrize("doc", ["docs/04-lora.md", "docs/06-evaluation.md", "README.md"])
 def test_printed_eval_tables_equal_the_committed_report(doc):
     """A table of scores in the LoRA chapter or the README is docs/results/eval_report.md, row for row.
 
@@ -283,7 +448,7 @@ def bench_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
     return [(h, rows) for h, rows in markdown_tables(text) if h[0] == "measurement" and "status" in h]
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/04-lora.md", "docs/05-inference-and-chat.md",
+@pytest.mark.parametrize("doc", ["README.md", "README_zh.md", "docs/04-lora.md", "docs/05-inference-and-chat.md",
                                  "docs/06-evaluation.md"])
 def test_printed_bench_tables_equal_the_committed_bench_json(doc):
     """Every performance table is rows of docs/results/bench.json as ``dev/bench.py --render`` prints

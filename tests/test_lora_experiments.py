@@ -63,6 +63,46 @@ def test_quick_runs_every_experiment_and_draws_its_figure(quick_sweep):
 
 
 @pytest.mark.slow   # trains the quick sweep
+def test_quick_family_shows_every_mechanism_at_work(quick_sweep):
+    """Each variant's own mechanism left its mark (lx.MECHANISMS) and no variant run equals plain LoRA's."""
+    out, _, _ = quick_sweep
+    saved = json.loads((out / "lora_experiments.json").read_text(encoding="utf-8"))
+    family = [r for r in lx.experiment_runs(True)["family"] if r.kind == "lora"]
+    rows = saved["runs"]
+    lora_row = rows[next(r.id for r in family if r.flags["lora_variant"] == "lora")]
+    verdicts = {r.flags["lora_variant"]: lx.mechanism_verdict(r.flags["lora_variant"], rows[r.id], lora_row)
+                for r in family}
+    assert set(verdicts) == set(lx.MECHANISMS)
+    assert all(v == "yes" for v in verdicts.values()), verdicts
+    delta = rows[next(r.id for r in family if r.flags["lora_variant"] == "delta_lora")]
+    assert delta["flags"]["delta_lora_start_step"] < delta["steps"]          # W moves inside the run
+    assert delta["mechanism"]["moved"]["W"] > 0 and lora_row["mechanism"]["moved"]["W"] == 0
+    table = lx.render("family", lx.experiment_runs(True)["family"], rows, {})
+    assert "at work" in table and "NO" not in table
+
+
+def test_a_variant_run_equal_to_plain_lora_is_caught():
+    """The family's verdict fails a run that is plain LoRA under another name (Delta-LoRA whose W never
+    moved: same loss curve and val loss), and a run whose mechanism left no trace."""
+    facts = {"W_at_start_vs_sft": 0.0, "B_at_start": 0.0, "lr_scales": [1.0], "layers": 4, "distinct_A": 4,
+             "moved": {"W": 0.0, "A": 0.1, "B": 0.2}}
+    lora_row = {"loss_curve": [[1, 5.0], [2, 4.0]], "val_loss": 3.0, "mechanism": facts}
+    same = {"loss_curve": [[1, 5.0], [2, 4.0]], "val_loss": 3.0, "mechanism": facts}
+    assert lx.mechanism_verdict("lora", lora_row, lora_row) == "yes"
+    assert lx.mechanism_verdict("delta_lora", same, lora_row).startswith("NO: same loss curve")
+    differs_but_w_still = {"loss_curve": [[1, 5.0], [2, 3.9]], "val_loss": 2.9, "mechanism": facts}
+    assert lx.mechanism_verdict("delta_lora", differs_but_w_still, lora_row).startswith("NO: W moves")
+    moved = {**differs_but_w_still, "mechanism": {**facts, "moved": {"W": 1e-3, "A": 0.1, "B": 0.2}}}
+    assert lx.mechanism_verdict("delta_lora", moved, lora_row) == "yes"
+    assert lx.mechanism_verdict("lora_fa", moved, lora_row).startswith("NO: A frozen")    # A moved
+    assert lx.mechanism_verdict("dora", {"val_loss": 1.0}, lora_row) == "— (not probed)"
+    # the sweep itself starts Delta-LoRA's W updates inside the run, quick and full
+    for quick, steps in ((True, 4), (False, 120)):
+        run = next(r for r in lx.experiment_runs(quick)["family"] if r.flags.get("lora_variant") == "delta_lora")
+        assert 0 < run.flags["delta_lora_start_step"] < steps and run.probe
+
+
+@pytest.mark.slow   # trains the quick sweep
 def test_a_finished_run_is_skipped_and_a_missing_one_retrained(quick_sweep, tmp_path):
     out, _, _ = quick_sweep
     path = out / "lora_experiments.json"

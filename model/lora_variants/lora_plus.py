@@ -7,7 +7,9 @@ Why: B starts at 0 and A at random, and with one lr for both, the update of B A 
 them as the width grows; the paper shows a larger lr on B makes feature learning efficient. Only the
 optimizer differs, so a LoRA+ file is a plain LoRA file (its config says ``variant: lora_plus``) and merges
 exactly. What this file implements: ``make_loraplus_optimizer`` (the loop's ``make_optimizer``: AdamW
-groups with ``lr_scale``, as PEFT's ``create_loraplus_optimizer`` groups them) and the registration.
+groups with ``lr_scale``; every A and B gets the learning rate PEFT's ``create_loraplus_optimizer`` gives it,
+except an embedding's A and B, which PEFT puts in a group of their own at ``loraplus_lr_embedding``) and the
+registration.
 """
 from __future__ import annotations
 
