@@ -382,7 +382,9 @@ def test_demo_overwrite_check_catches_an_experiment_under_the_demo_name():
     assert demo_overwrite("python trainer/train_lora.py --lora_name lora_medical --data_path dataset/lora_medical.jsonl "
                           "--epochs 9 --learning_rate 5e-3")
     assert demo_overwrite("python trainer/train_pretrain.py --max_steps 30")
-    assert demo_overwrite("python trainer/train_lora.py --lora_name lora_identity --data_path dataset/lora_identity.jsonl") is None
+    assert demo_overwrite("python trainer/train_lora.py --lora_name lora_identity --data_path dataset/lora_identity.jsonl "
+                          "--epochs 8") is None
+    assert demo_overwrite("python trainer/train_lora.py --lora_name lora_identity --epochs 4")
     assert demo_overwrite("python trainer/train_lora.py --lora_variant qlora --lora_name id_qlora") == ""
     assert demo_overwrite("python trainer/train_sft.py --preset small --learning_rate 5e-5") == ""
 
