@@ -34,8 +34,10 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from model.common import TinyMindError, atomic_save, repo_path, safe_load
+from model.loss_chunked import chunked_head_applies, chunked_head_loss
 from model.loss_fused import fused_ce_applies, fused_cross_entropy
 
 
@@ -241,7 +243,14 @@ class Block(nn.Module):
 
 
 class TinyMindModel(nn.Module):
-    """Embedding -> blocks -> final norm; returns hidden states (B, T, C)."""
+    """Embedding -> blocks -> final norm; returns hidden states (B, T, C).
+
+    ``gradient_checkpointing`` (a switch of the running model, not of its config; train_lora.py's
+    --grad_checkpoint): in training, keep only each block's input and recompute the block's inside during
+    the backward, so activation memory holds one block's activations instead of every block's, for about
+    one more forward pass of compute. The gradients are the same (tests/test_grad_memory.py)."""
+
+    gradient_checkpointing: bool = False
 
     def __init__(self, cfg: TinyMindConfig):
         super().__init__()
@@ -284,7 +293,11 @@ class TinyMindModel(nn.Module):
             mask = ((k_idx <= q_idx) & attention_mask.bool()[:, None, :]) | (k_idx == q_idx)  # (B, T, S)
             mask = mask.unsqueeze(1)                                               # (B, 1, T, S)
         x = F.dropout(self.embed_tokens(input_ids), self.dropout, self.training)  # (B, T, C)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for i, layer in enumerate(self.layers):
+            if recompute:   # the block's inside is recomputed in the backward (and its dropout masks with it)
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                continue
             x = layer(x, cos, sin, mask, kv_cache, i, start_pos)
         return self.norm(x)
 
@@ -295,6 +308,10 @@ class CausalLMOutput(NamedTuple):
 
 
 class TinyMindForCausalLM(nn.Module):
+    # > 0: the training loss runs the LM head this many rows at a time (model/loss_chunked.py), never
+    # holding the (N, V) logits; a switch of the running model (train_lora.py's --head_chunk), not its config
+    head_chunk_rows: int = 0
+
     def __init__(self, config: TinyMindConfig | None = None):
         super().__init__()
         self.config = config = config or TinyMindConfig()
@@ -331,6 +348,9 @@ class TinyMindForCausalLM(nn.Module):
             # logits (not needed for training) is None.
             targets = labels[:, 1:]
             keep = targets != -100                                                  # (B, T-1)
+            if chunked_head_applies(self.lm_head, self.head_chunk_rows):   # no (N, V) logits: loss_chunked.py
+                loss = chunked_head_loss(h[:, :-1][keep], self.lm_head.weight, targets[keep], self.head_chunk_rows)
+                return CausalLMOutput(loss, None)
             logits = self.lm_head(h[:, :-1][keep])                                  # (N, V)
             if fused_ce_applies(logits):   # the same loss in fewer passes over (N, V): model/loss_fused.py
                 return CausalLMOutput(fused_cross_entropy(logits, targets[keep]), None)
