@@ -715,7 +715,7 @@ def bench_lora_135m(ctx):
     a, q = ctx.args, ctx.args.quick
     shape = real_shape(q)
     bs, T = (2, 32) if q else (a.batch_size or 8, a.seq_len or 128)
-    native = ctx.device.type == "cuda" or "native" in bf16_path(ctx.device).split(":")[0]
+    native = ctx.device.type == "cuda" or cpu_info()["native_bf16"]
     variants = [v for v in REAL_VARIANTS if REAL_VARIANTS[v][0] == "fp32" or native or a.real_bf16 or q]
     dtypes = sorted({REAL_VARIANTS[v][0] for v in variants}, key=lambda k: k != "fp32")
     fns, models = {}, {}
@@ -766,7 +766,7 @@ def bench_lora_135m(ctx):
         emulated = key == "bf16" and not native
         what = f"LoRA step FLOP rate as % of the {key} GEMM rate ({name}, {best})"
         rows.append(row(f"lora_135m_share_{key}{'_emulated' if emulated else ''}", what, share,
-                        f"{share:.0f}% ({flops / 1e9:.0f} GFLOP per step, {ctx.device} {key}"
+                        f"{share:.0f}% ({flops / 1e9:.1f} GFLOP per step, {ctx.device} {key}"
                         f"{': emulated here' if emulated else ''})", "%"))
     return rows, details
 
@@ -796,7 +796,7 @@ def judge(name, value, quick):
     if name not in TARGETS:
         return "reported", "-"
     op, thr = TARGETS[name]
-    unit = "% of limit" if name.startswith("decode") else "x"
+    unit = "% of limit" if name.startswith("decode") else "% of the GEMM rate" if "share" in name else "x"
     text = f"1.00x ± {thr:.2f}" if op == "within" else f"{op} {thr:g}{unit}"
     ok = abs(value - 1.0) <= thr if op == "within" else (value >= thr if op == ">=" else value <= thr)
     return text, ("not judged (quick)" if quick else ("PASS" if ok else "MISS"))
