@@ -716,7 +716,9 @@ def bench_lora_135m(ctx):
     shape = real_shape(q)
     bs, T = (2, 32) if q else (a.batch_size or 8, a.seq_len or 128)
     native = ctx.device.type == "cuda" or cpu_info()["native_bf16"]
-    variants = [v for v in REAL_VARIANTS if REAL_VARIANTS[v][0] == "fp32" or native or a.real_bf16 or q]
+    variants = [v for v in REAL_VARIANTS if REAL_VARIANTS[v][0] == "fp32" or native or a.real_bf16]
+    if q:   # toy sizes: one variant per dtype, checkpointing and the chunked head on in one of them
+        variants = ["today", "bf16_ckpt"]
     dtypes = sorted({REAL_VARIANTS[v][0] for v in variants}, key=lambda k: k != "fp32")
     fns, models = {}, {}
     for v in variants:
@@ -759,8 +761,9 @@ def bench_lora_135m(ctx):
                         f"{tok_s:.0f} tok/s ({step_s:.2f} s/step), {share:.0f}% of the {dtype} GEMM rate "
                         f"({details['gemm_gflop_s'][dtype]:.0f} GFLOP/s), peak memory {peak:.0f} MB above the "
                         f"runtime (model {weights:.0f} MB)", "tok/s"))
-    for key in dtypes:   # the judged row: the fastest variant of the dtype, without checkpointing
-        best = max((v for v in variants if REAL_VARIANTS[v][0] == key and not REAL_VARIANTS[v][1]),
+    for key in dtypes:   # the judged row: the fastest variant of the dtype (without checkpointing where measured)
+        own = [v for v in variants if REAL_VARIANTS[v][0] == key]
+        best = max([v for v in own if not REAL_VARIANTS[v][1]] or own,
                    key=lambda v: details["variants"][v]["flop_share_pct"])
         share = details["variants"][best]["flop_share_pct"]
         emulated = key == "bf16" and not native
