@@ -285,18 +285,3 @@ def test_printed_bench_tables_equal_the_committed_bench_json(doc):
         assert not stale, f"{doc}: rows not in docs/results/bench.json (python dev/bench.py --render " \
                           f"docs/results/bench.json prints the current ones): {stale}"
 
-
-def test_chapter_08_bench_table_equals_its_bench_json():
-    """docs/08's table of the 135M LoRA step is docs/results/bench_lora_135m.json as ``dev/bench.py --render``
-    prints it, with that run's machine, command and date."""
-    from conftest import dev_script
-
-    rendered = dev_script("bench").render_file(RESULTS / "bench_lora_135m.json")
-    (header, rows), = bench_tables(rendered)
-    meta = rendered.strip().splitlines()[-1]
-    text = (DOCS / "08-lora-on-real-models.md").read_text(encoding="utf-8")
-    printed = bench_tables(text)
-    assert printed, "docs/08: no performance table (| measurement | ... | status |)"
-    assert meta in text, f"docs/08: the bench run's machine / command / date line is not quoted: {meta!r}"
-    for shown_header, shown_rows in printed:
-        assert shown_header == header and all(r in rows for r in shown_rows), "docs/08: rows not in the JSON"
