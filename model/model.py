@@ -8,8 +8,9 @@ What this file implements, top to bottom:
 - ``RMSNorm`` (computed in fp32), rotary position embeddings (RoPE, Llama's rotate-half convention,
   cos/sin tables precomputed once), ``Attention`` with grouped-query attention (GQA) through
   ``F.scaled_dot_product_attention`` or an equivalent hand-written path, the SwiGLU ``MLP``, the
-  pre-norm ``Block``, ``TinyMindModel`` (the stack) and ``TinyMindForCausalLM`` (+ tied LM head, loss;
-  model/loss_fused.py computes the same training loss in fewer passes on a CPU).
+  pre-norm ``Block``, ``TinyMindModel`` (the stack, with a gradient-checkpointing switch) and
+  ``TinyMindForCausalLM`` (+ tied LM head, loss; model/loss_fused.py computes the same training loss in
+  fewer passes on a CPU, model/loss_chunked.py a large vocabulary's head a chunk of rows at a time).
 - ``KVCache``: keys/values preallocated once per ``generate`` call and written in place.
 - ``TinyMindForCausalLM.generate``: greedy / temperature / top-k / top-p sampling, repetition
   penalty, per-row EOS stop, batched left-padded prompts, a streamer callback; the plain definition
@@ -349,7 +350,8 @@ class TinyMindForCausalLM(nn.Module):
             targets = labels[:, 1:]
             keep = targets != -100                                                  # (B, T-1)
             if chunked_head_applies(self.lm_head, self.head_chunk_rows):   # no (N, V) logits: loss_chunked.py
-                loss = chunked_head_loss(h[:, :-1][keep], self.lm_head.weight, targets[keep], self.head_chunk_rows)
+                loss = chunked_head_loss(h[:, :-1][keep], self.lm_head.weight, targets[keep],
+                                         self.head_chunk_rows)
                 return CausalLMOutput(loss, None)
             logits = self.lm_head(h[:, :-1][keep])                                  # (N, V)
             if fused_ce_applies(logits):   # the same loss in fewer passes over (N, V): model/loss_fused.py
