@@ -25,14 +25,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from model.common import TinyMindError
+from model.common import DTYPES, TinyMindError
 from model.model import unwrap_model
 from model.model_lora import base_fingerprint
 
 # --base_dtype auto holds bases of this many parameters or more in the run's compute dtype; smaller ones
 # (TinyMind's demo and the `small` preset) stay fp32, so their numbers are those of an fp32 base.
 AUTO_MIN_PARAMS = 100_000_000
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def base_dtype(flag: str, compute_dtype: torch.dtype, n_params: int, device: torch.device) -> torch.dtype:
