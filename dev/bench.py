@@ -28,6 +28,14 @@ sides alike. Measurements (names for ``--only``):
   train_flop_share  the training step's FLOP rate (6 N per token + attention) as a % of that GEMM rate,
                     fp32 and bf16 autocast (the trainers' --dtype), timed interleaved with the products
                     (where bf16 is emulated its step is many times slower: minutes on a 2-core CPU)
+  lora_135m         the LoRA step of a released model's shape (SmolLM2-135M: hidden 576, 30 layers, vocab
+                    49152, shape-true random weights, r=16 on the 7 projections, batch 8 x 128): tokens/s,
+                    the step's FLOPs (2 N forward + 2 N input gradients + 6 per adapter weight + attention)
+                    as a % of the GEMM rate of its own products in its dtype, and peak memory (one fresh
+                    process per variant). Variants: today's step (fp32 base, whole LM head), the chunked
+                    head, + gradient checkpointing, and a bf16 base (bf16 autocast) with and without it;
+                    the bf16 ones only where bf16 is native (or --real_bf16 1: emulated, many times slower).
+                    Not in the default run (minutes on 2 cores): --only lora_135m (--quick: at toy sizes)
 
 It prints a markdown table (PASS/MISS per target) and writes JSON with the machine, command and date.
 
@@ -38,6 +46,7 @@ CPU (a few minutes on 2 cores):
     python dev/bench.py --threads 1 --timer cpu    # steadier ratios on a machine shared with other jobs
     python dev/bench.py --out docs/results/bench.json        # keep a result for the docs
     python dev/bench.py --render docs/results/bench.json     # its markdown table again, nothing measured
+    python dev/bench.py --only lora_135m --threads 2 --out docs/results/bench_lora_135m.json   # docs/08
 GPU (one device; the bench is single-process, so there is no torchrun/multi-GPU variant):
     python dev/bench.py --device cuda
 """
@@ -64,14 +73,15 @@ import torch
 from model.common import TinyMindError, atomic_write_text, cpu_bf16_path, repo_path, run_main, setup_device
 from model.engine import decode_weights
 from model.model import TinyMindForCausalLM, get_config
-from model.model_lora import merge_lora
+from model.model_lora import DEFAULT_TARGETS, merge_lora
 from tools.measure import (add_lora, build_model, cpu_info, current_memory_mb, greedy, make_train_step, med,
                            peak_memory_mb, random_batch, reset_peak_memory, sync, time_interleaved, unfused_copy)
 from trainer.train_loop import build_optimizer
 
 MEASUREMENTS = ("lora_step", "lora_memory", "merged_forward", "unmerged_forward",
                 "kv_cache", "decode", "packing", "train", "train_compile", "qlora_memory", "gemm_rate",
-                "train_flop_share")
+                "train_flop_share", "lora_135m")
+DEFAULT_RUN = MEASUREMENTS[:-1]   # lora_135m builds a 135M model per variant: only with --only (or --quick)
 
 # Targets from the performance issue: (comparison, threshold). "within" means |value - 1| <= threshold.
 TARGETS = {
@@ -86,6 +96,8 @@ TARGETS = {
     "train_compile_tiny": (">=", 1.2),     # training tokens/s >= 1.2x: here through --use_compile 1
     "train_compile_small": (">=", 1.2),
     "qlora_memory": ("<=", 0.2),
+    "lora_135m_share_fp32": (">=", 60.0),   # % of the GEMM rate for the step's dtype
+    "lora_135m_share_bf16": (">=", 60.0),   # judged only where bf16 is native (else the row is *_emulated)
 }
 
 
@@ -487,9 +499,10 @@ def linear_shapes(cfg):
             ("down_proj", I, C, L), ("lm_head", C, cfg.vocab_size, 1)]
 
 
-def linear_products(rows, k, n, dtype, device, uses=1):
+def linear_products(rows, k, n, dtype, device, uses=1, weight_grad=True):
     """(fn, FLOPs): ``uses`` times the three products of a linear layer's training step, as autograd runs
-    them for nn.Linear: y = x W^T, dx = dy W, dW = dy^T x (x: (rows, k), W: [n, k]), 2 rows k n FLOPs each."""
+    them for nn.Linear: y = x W^T, dx = dy W, dW = dy^T x (x: (rows, k), W: [n, k]), 2 rows k n FLOPs each;
+    ``weight_grad=False``: the first two only (a frozen weight, as in LoRA)."""
     g = torch.Generator().manual_seed(0)
     x, w, dy = (torch.randn(shape, generator=g).to(device=device, dtype=dtype)
                 for shape in ((rows, k), (n, k), (rows, n)))
@@ -499,8 +512,9 @@ def linear_products(rows, k, n, dtype, device, uses=1):
             for _ in range(uses):
                 torch.nn.functional.linear(x, w)
                 dy @ w
-                dy.t() @ x
-    return fn, uses * 6 * rows * k * n
+                if weight_grad:
+                    dy.t() @ x
+    return fn, uses * (6 if weight_grad else 4) * rows * k * n
 
 
 def bf16_path(device):
@@ -612,6 +626,154 @@ def bench_qlora_memory(ctx):
     return rows, {"preset": preset, "fp32_bytes": fp32, "nf4_bytes": nf4}
 
 
+# ----------------------------------------------------------------------------------------------------
+# the LoRA step of a released model's shape
+
+# SmolLM2-135M's config.json, as TinyMind fields (shape-true: the weights are random, nothing is downloaded)
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, intermediate_size=1536, rope_theta=100000.0, rms_norm_eps=1e-5,
+                    max_position_embeddings=8192, tie_word_embeddings=True)
+QUICK_REAL = dict(SMOLLM2_135M, vocab_size=4096, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256)
+# name -> (base and compute dtype, gradient checkpointing, LM head chunk rows): what train_lora.py's
+# --base_dtype / --dtype, --grad_checkpoint and --head_chunk set
+REAL_VARIANTS = {
+    "today": ("fp32", False, 0),   # the step before these options: fp32 base, whole head
+    "fp32": ("fp32", False, 256),
+    "fp32_ckpt": ("fp32", True, 256),
+    "bf16": ("bf16", False, 256),
+    "bf16_ckpt": ("bf16", True, 256),
+}
+REAL_RANK = 16   # train_lora.py's default rank, on its default targets (the 7 projections)
+
+
+def real_shape(quick):
+    return QUICK_REAL if quick else SMOLLM2_135M
+
+
+def real_model(shape, variant, device):
+    """The shape-true model with a fresh rank-16 adapter, set up as train_lora.py sets up ``variant``."""
+    from model.lora_frozen_base import hold_frozen_base
+    from model.model import TinyMindConfig
+
+    dtype, ckpt, rows = REAL_VARIANTS[variant]
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(TinyMindConfig(**shape)).to(device)
+    add_lora(model, REAL_RANK, DEFAULT_TARGETS)
+    hold_frozen_base(model, dict(FLOP_DTYPES)[dtype])
+    model.model.gradient_checkpointing = ckpt
+    model.head_chunk_rows = rows
+    return model
+
+
+def lora_step_flops_per_token(model, seq_len):
+    """4 N (forward 2 N, input gradients 2 N: the frozen weights get none) + 6 per adapter weight (forward
+    2, its input and weight gradients 4) + 12 L T C for attention (as ``step_flops_per_token``)."""
+    cfg = model.config
+    n_params = sum(k * n * uses for _, k, n, uses in linear_shapes(cfg))
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 4 * n_params + 6 * adapters + 12 * cfg.num_hidden_layers * seq_len * cfg.hidden_size
+
+
+def real_worker(args):
+    """Hidden ``--_worker real_<variant>``: peak memory of one ``lora_135m`` variant in a fresh process."""
+    variant = args._worker[len("real_"):]
+    device = torch.device(args.device)
+    warm = build_model("smoke", device)
+    make_train_step(warm, random_batch(warm.config.vocab_size, 1, 8, device))()
+    del warm
+    gc.collect()
+    before_model = current_memory_mb(device)
+    reset_peak_memory(device)
+    model = real_model(real_shape(args.quick), variant, device)
+    after_model = current_memory_mb(device)
+    batch = random_batch(model.config.vocab_size, args.batch_size, args.seq_len, device)
+    step = make_train_step(model, batch, dict(FLOP_DTYPES)[REAL_VARIANTS[variant][0]])
+    for _ in range(2):   # AdamW's moments exist from step 1 on
+        step()
+    print(json.dumps({"variant": variant, "before_model_mb": before_model, "after_model_mb": after_model,
+                      "peak_mb": peak_memory_mb(device)}))
+
+
+def real_memory(ctx, variants, batch_size, seq_len):
+    """Peak memory of each variant, one fresh process at a time (they would share the cores)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}   # RSS follows live memory (run_memory_workers)
+    out = {}
+    for v in variants:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", f"real_{v}", "--device", str(ctx.device),
+               "--batch_size", str(batch_size), "--seq_len", str(seq_len), "--threads", str(torch.get_num_threads())]
+        proc = subprocess.run(cmd + (["--quick"] if ctx.args.quick else []), capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory worker 'real_{v}' failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        out[v] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
+
+
+def bench_lora_135m(ctx):
+    """Each variant's step and its dtype's products (forward + input gradient of every weight use, as the
+    step runs them) timed interleaved; then each variant's peak memory in a process of its own."""
+    a, q = ctx.args, ctx.args.quick
+    shape = real_shape(q)
+    bs, T = (2, 32) if q else (a.batch_size or 8, a.seq_len or 128)
+    native = ctx.device.type == "cuda" or cpu_info()["native_bf16"]
+    variants = [v for v in REAL_VARIANTS if REAL_VARIANTS[v][0] == "fp32" or native or a.real_bf16]
+    if q:   # toy sizes: one variant per dtype, checkpointing and the chunked head on in one of them
+        variants = ["today", "bf16_ckpt"]
+    dtypes = sorted({REAL_VARIANTS[v][0] for v in variants}, key=lambda k: k != "fp32")
+    fns, models = {}, {}
+    for v in variants:
+        models[v] = real_model(shape, v, ctx.device)
+        batch = random_batch(shape["vocab_size"], bs, T, ctx.device)
+        fns[v] = make_train_step(models[v], batch, dict(FLOP_DTYPES)[REAL_VARIANTS[v][0]])
+    cfg = models[variants[0]].config
+    product_flops = {}
+    for key in dtypes:
+        parts = [linear_products(bs * T, k, n, dict(FLOP_DTYPES)[key], ctx.device, uses, weight_grad=False)
+                 for _, k, n, uses in linear_shapes(cfg)]
+        fns[f"{key} products"] = lambda parts=parts: [fn() for fn, _ in parts]
+        product_flops[key] = sum(flops for _, flops in parts)
+    flops = bs * T * lora_step_flops_per_token(models[variants[0]], T)
+    del models
+    gc.collect()
+    times = ctx.time(fns, repeats=None if q else max(2, ctx.repeats // 2))
+    memory = real_memory(ctx, variants, bs, T)
+    rows, details = [], {"shape": shape, "batch": [bs, T], "rank": REAL_RANK, "flops_per_step": flops,
+                         "bf16_path": bf16_path(ctx.device), "variants": {}, "gemm_gflop_s": {},
+                         "rule": "4 N + 6 per adapter weight + 12 L T C per token; GEMM rate: every weight "
+                                 "use's forward and input-gradient products, timed interleaved with the steps"}
+    for key in dtypes:
+        details["gemm_gflop_s"][key] = product_flops[key] / med(times[f"{key} products"]) / 1e9
+    name = "SmolLM2-135M shape" if not q else "toy shape"
+    for v in variants:
+        dtype, ckpt, head_rows = REAL_VARIANTS[v]
+        step_s = med(times[v])
+        tok_s = bs * T / step_s
+        share = 100 * flops / step_s / 1e9 / details["gemm_gflop_s"][dtype]
+        m = memory[v]
+        peak, weights = m["peak_mb"] - m["before_model_mb"], m["after_model_mb"] - m["before_model_mb"]
+        details["variants"][v] = {"step_s": times[v], "tokens_per_s": tok_s, "flop_share_pct": share,
+                                  "peak_mb_above_runtime": peak, "model_mb": weights, "memory": m}
+        how = (f"{dtype} base{' + bf16 autocast' if dtype == 'bf16' else ''}, "
+               f"{'checkpointing' if ckpt else 'no checkpointing'}, "
+               f"{f'head in chunks of {head_rows}' if head_rows else 'whole head'}")
+        what = f"LoRA step, {name} ({how}), r={REAL_RANK}, batch {bs}x{T}"
+        rows.append(row(f"lora_135m_{v}", what, tok_s,
+                        f"{tok_s:.0f} tok/s ({step_s:.2f} s/step), {share:.0f}% of the {dtype} GEMM rate "
+                        f"({details['gemm_gflop_s'][dtype]:.0f} GFLOP/s), peak memory {peak:.0f} MB above the "
+                        f"runtime (model {weights:.0f} MB)", "tok/s"))
+    for key in dtypes:   # the judged row: the fastest variant of the dtype (without checkpointing where measured)
+        own = [v for v in variants if REAL_VARIANTS[v][0] == key]
+        best = max([v for v in own if not REAL_VARIANTS[v][1]] or own,
+                   key=lambda v: details["variants"][v]["flop_share_pct"])
+        share = details["variants"][best]["flop_share_pct"]
+        emulated = key == "bf16" and not native
+        what = f"LoRA step FLOP rate as % of the {key} GEMM rate ({name}, {best})"
+        rows.append(row(f"lora_135m_share_{key}{'_emulated' if emulated else ''}", what, share,
+                        f"{share:.0f}% ({flops / 1e9:.1f} GFLOP per step, {ctx.device} {key}"
+                        f"{': emulated here' if emulated else ''})", "%"))
+    return rows, details
+
+
 BENCHES = {
     "lora_step": bench_lora_step,
     "lora_memory": bench_lora_memory,
@@ -625,6 +787,7 @@ BENCHES = {
     "qlora_memory": bench_qlora_memory,
     "gemm_rate": bench_gemm_rate,
     "train_flop_share": bench_train_flop_share,
+    "lora_135m": bench_lora_135m,
 }
 
 
@@ -636,7 +799,7 @@ def judge(name, value, quick):
     if name not in TARGETS:
         return "reported", "-"
     op, thr = TARGETS[name]
-    unit = "% of limit" if name.startswith("decode") else "x"
+    unit = "% of limit" if name.startswith("decode") else "% of the GEMM rate" if "share" in name else "x"
     text = f"1.00x ± {thr:.2f}" if op == "within" else f"{op} {thr:g}{unit}"
     ok = abs(value - 1.0) <= thr if op == "within" else (value >= thr if op == ">=" else value <= thr)
     return text, ("not judged (quick)" if quick else ("PASS" if ok else "MISS"))
@@ -735,7 +898,11 @@ def parse_args(argv):
                    help="wall (default): elapsed time, what you wait for; cpu: this process's CPU time, steadier "
                         "on a machine shared with other jobs (use it with --threads 1; CPU only)")
     p.add_argument("--check", action="store_true", help="exit with status 1 if a judged target is missed")
-    p.add_argument("--_worker", choices=("full", "lora"), default=None, help=argparse.SUPPRESS)  # lora_memory's child
+    p.add_argument("--real_bf16", type=int, default=0, choices=[0, 1],
+                   help="lora_135m: 1 = time the bf16-base variants even where bf16 is emulated (many times "
+                        "slower than fp32 there) (default: 0, only where bf16 is native)")
+    p.add_argument("--_worker", choices=("full", "lora", *(f"real_{v}" for v in REAL_VARIANTS)), default=None,
+                   help=argparse.SUPPRESS)  # lora_memory's / lora_135m's child
     args = p.parse_args(argv)
     for flag in ("repeats", "batch_size", "seq_len", "new_tokens", "prompt_len", "lora_rank", "threads",
                  "corpus_docs", "packing_steps"):
@@ -757,13 +924,15 @@ def main(argv=None):
         # Toy sizes gain nothing from threads, and one thread is far steadier on a machine shared with other jobs.
         torch.set_num_threads(args.threads or 1)
     try:
-        return memory_worker(args) if args._worker else run_bench(args, argv)
+        if args._worker:
+            return real_worker(args) if args._worker.startswith("real_") else memory_worker(args)
+        return run_bench(args, argv)
     finally:
         torch.set_num_threads(threads)  # main() called from Python (tests) leaves the caller's setting alone
 
 
 def run_bench(args, argv):
-    names = MEASUREMENTS if not args.only else tuple(s.strip() for s in args.only.split(",") if s.strip())
+    names = (MEASUREMENTS if args.quick else DEFAULT_RUN) if not args.only else tuple(s.strip() for s in args.only.split(",") if s.strip())
     unknown = [n for n in names if n not in MEASUREMENTS]
     if unknown or not names:
         raise TinyMindError(f"--only {args.only!r}: unknown measurement {unknown}; "

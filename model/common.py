@@ -16,6 +16,8 @@
 - ``setup_device`` / ``DeviceContext``: the one rule that picks the device (cuda -> mps -> cpu), the
   autocast dtype and DDP, used by every script; ``native_bf16`` / ``cpu_native_bf16``: whether this
   CPU multiplies bf16 matrices natively, which decides what ``--dtype auto`` trains in on a CPU.
+- ``peak_memory_mb``: the process's peak memory (CUDA max allocated, or the CPU's peak resident set),
+  which train_lora.py reports and dev/bench.py measures.
 """
 from __future__ import annotations
 
@@ -307,3 +309,25 @@ def cleanup_distributed(ctx: DeviceContext) -> None:
     """Tear down the process group that ``setup_device`` started (no-op without DDP)."""
     if ctx.ddp and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory of this process in MB: CUDA max allocated, or the peak resident set size on the CPU.
+
+    Linux's VmHWM, not getrusage's ru_maxrss: ru_maxrss survives fork + exec, so a child would start with
+    its parent's peak (dev/bench.py runs each variant in a child process of a process holding models).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB -> MB
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        import resource
+    except ImportError:
+        raise TinyMindError("peak memory on a CPU needs Linux's /proc or the POSIX 'resource' module") from None
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB elsewhere

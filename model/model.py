@@ -8,8 +8,9 @@ What this file implements, top to bottom:
 - ``RMSNorm`` (computed in fp32), rotary position embeddings (RoPE, Llama's rotate-half convention,
   cos/sin tables precomputed once), ``Attention`` with grouped-query attention (GQA) through
   ``F.scaled_dot_product_attention`` or an equivalent hand-written path, the SwiGLU ``MLP``, the
-  pre-norm ``Block``, ``TinyMindModel`` (the stack) and ``TinyMindForCausalLM`` (+ tied LM head, loss;
-  model/loss_fused.py computes the same training loss in fewer passes on a CPU).
+  pre-norm ``Block``, ``TinyMindModel`` (the stack, with a gradient-checkpointing switch) and
+  ``TinyMindForCausalLM`` (+ tied LM head, loss; model/loss_fused.py computes the same training loss in
+  fewer passes on a CPU, model/loss_chunked.py a large vocabulary's head a chunk of rows at a time).
 - ``KVCache``: keys/values preallocated once per ``generate`` call and written in place.
 - ``TinyMindForCausalLM.generate``: greedy / temperature / top-k / top-p sampling, repetition
   penalty, per-row EOS stop, batched left-padded prompts, a streamer callback; the plain definition
@@ -34,8 +35,10 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from model.common import TinyMindError, atomic_save, repo_path, safe_load
+from model.loss_chunked import chunked_head_applies, chunked_head_loss
 from model.loss_fused import fused_ce_applies, fused_cross_entropy
 
 
@@ -241,7 +244,14 @@ class Block(nn.Module):
 
 
 class TinyMindModel(nn.Module):
-    """Embedding -> blocks -> final norm; returns hidden states (B, T, C)."""
+    """Embedding -> blocks -> final norm; returns hidden states (B, T, C).
+
+    ``gradient_checkpointing`` (a switch of the running model, not of its config; train_lora.py's
+    --grad_checkpoint): in training, keep only each block's input and recompute the block's inside during
+    the backward, so activation memory holds one block's activations instead of every block's, for about
+    one more forward pass of compute. The gradients are the same (tests/test_grad_memory.py)."""
+
+    gradient_checkpointing: bool = False
 
     def __init__(self, cfg: TinyMindConfig):
         super().__init__()
@@ -284,7 +294,11 @@ class TinyMindModel(nn.Module):
             mask = ((k_idx <= q_idx) & attention_mask.bool()[:, None, :]) | (k_idx == q_idx)  # (B, T, S)
             mask = mask.unsqueeze(1)                                               # (B, 1, T, S)
         x = F.dropout(self.embed_tokens(input_ids), self.dropout, self.training)  # (B, T, C)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and kv_cache is None
         for i, layer in enumerate(self.layers):
+            if recompute:   # the block's inside is recomputed in the backward (and its dropout masks with it)
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                continue
             x = layer(x, cos, sin, mask, kv_cache, i, start_pos)
         return self.norm(x)
 
@@ -295,6 +309,10 @@ class CausalLMOutput(NamedTuple):
 
 
 class TinyMindForCausalLM(nn.Module):
+    # > 0: the training loss runs the LM head this many rows at a time (model/loss_chunked.py), never
+    # holding the (N, V) logits; a switch of the running model (train_lora.py's --head_chunk), not its config
+    head_chunk_rows: int = 0
+
     def __init__(self, config: TinyMindConfig | None = None):
         super().__init__()
         self.config = config = config or TinyMindConfig()
@@ -331,6 +349,10 @@ class TinyMindForCausalLM(nn.Module):
             # logits (not needed for training) is None.
             targets = labels[:, 1:]
             keep = targets != -100                                                  # (B, T-1)
+            if chunked_head_applies(self.lm_head, self.head_chunk_rows):   # no (N, V) logits: loss_chunked.py
+                loss = chunked_head_loss(h[:, :-1][keep], self.lm_head.weight, targets[keep],
+                                         self.head_chunk_rows)
+                return CausalLMOutput(loss, None)
             logits = self.lm_head(h[:, :-1][keep])                                  # (N, V)
             if fused_ce_applies(logits):   # the same loss in fewer passes over (N, V): model/loss_fused.py
                 return CausalLMOutput(fused_cross_entropy(logits, targets[keep]), None)

@@ -166,3 +166,22 @@ def test_bad_flags_are_one_line_errors():
     if not torch.cuda.is_available():
         with pytest.raises(TinyMindError, match="CUDA is not available"):
             bench.main(["--device", "cuda"])
+
+
+def test_lora_135m_flop_count_and_variants():
+    """The LoRA step's FLOPs: 4 per frozen weight (forward + input gradient, no weight gradient), 6 per
+    adapter weight, 12 L T C for attention; each variant is set up as train_lora.py's flags set it up."""
+    shape = bench.QUICK_REAL
+    model = bench.real_model(shape, "bf16_ckpt", torch.device("cpu"))
+    C, I, L, V = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"], shape["vocab_size"]
+    kv = C // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    frozen = L * (2 * C * C + 2 * C * kv + 3 * C * I) + V * C
+    r = bench.REAL_RANK
+    adapters = L * r * (2 * (C + C) + 2 * (C + kv) + 2 * (C + I) + (I + C))
+    assert bench.lora_step_flops_per_token(model, 32) == 4 * frozen + 6 * adapters + 12 * L * 32 * C
+    assert model.model.gradient_checkpointing and model.head_chunk_rows == 256
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    today = bench.real_model(shape, "today", torch.device("cpu"))
+    assert not today.model.gradient_checkpointing and today.head_chunk_rows == 0
+    assert today.lm_head.weight.dtype == torch.float32

@@ -316,3 +316,31 @@ def test_novel_medical_phrasings_are_not_the_generators(data):
         assert it["question"] not in generated and it["question"] not in prompts, it["question"]
         assert it["answers"] and all(a in M.CONDITIONS[c][0] + "".join(M.CONDITIONS[c][1])
                                      for c in M.CONDITIONS if c in it["question"] for a in it["answers"])
+
+
+# ----------------------------------------------------------------------------- the English identity set
+
+def test_english_identity_set_is_shipped_and_names_the_persona(tmp_path):
+    """`--lang en` writes only lora_identity_en.jsonl, equal to the shipped file for the defaults; every
+    identity answer names the persona, no HELD_OUT phrasing is trained, and replay takes a quarter."""
+    from dataset.demo import persona_en as E
+
+    G.main(["--out_dir", str(tmp_path), "--no_stats", "--lang", "en"])
+    assert [p.name for p in tmp_path.iterdir()] == [G.ENGLISH_FILE]
+    written = (tmp_path / G.ENGLISH_FILE).read_bytes()
+    assert written == (SHIPPED / G.ENGLISH_FILE).read_bytes()
+    convs = [json.loads(line)["conversations"] for line in written.decode("utf-8").splitlines()]
+    users = {m["content"] for c in convs for m in c if m["role"] == "user"}
+    assert not users & set(E.HELD_OUT)
+    assert all(q.isascii() for q in users)   # English only: an English-only model knows these tokens
+    persona = E.english_persona()
+    answers = {a for texts in persona["answers"].values() for a in texts}
+    named = [c for c in convs if any(m["content"] in answers for m in c)]
+    assert all(E.DEFAULT_NAME in m["content"] for c in named for m in c if m["content"] in answers)
+    replay = [c for c in convs if not any(E.DEFAULT_NAME in m["content"] for m in c)]
+    assert 0.2 <= len(replay) / len(convs) <= 0.3
+    # your own persona: the name and maker replace the defaults everywhere
+    G.main(["--out_dir", str(tmp_path), "--no_stats", "--lang", "en", "--name", "Nova", "--maker", "Acme Lab"])
+    text = (tmp_path / G.ENGLISH_FILE).read_text(encoding="utf-8")
+    assert "Nova" in text and "Acme Lab" in text
+    assert E.DEFAULT_NAME not in text and E.DEFAULT_MAKER not in text

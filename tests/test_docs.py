@@ -469,3 +469,4 @@ def test_printed_bench_tables_equal_the_committed_bench_json(doc):
         stale = [r for r in shown_rows if r not in rows]
         assert not stale, f"{doc}: rows not in docs/results/bench.json (python dev/bench.py --render " \
                           f"docs/results/bench.json prints the current ones): {stale}"
+

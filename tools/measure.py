@@ -5,20 +5,19 @@ each run's peak memory with them), and the seeded models, batches and steps dev/
   alike; ``sync`` waits for CUDA before reading the clock.
 - ``build_model`` / ``random_batch`` / ``add_lora`` / ``make_train_step`` / ``greedy``: the same
   seeded models, batches, training steps and decoding for every variant.
-- ``reset_peak_memory`` / ``peak_memory_mb`` / ``current_memory_mb``: CUDA allocator stats, or the
-  process's resident set on the CPU (Linux VmHWM / statm).
+- ``reset_peak_memory`` / ``current_memory_mb``: CUDA allocator stats, or the process's resident set on
+  the CPU (Linux VmHWM / statm); ``peak_memory_mb`` comes from model/common.py.
 - ``cpu_info``: the CPU's model name and whether it computes bf16 natively (what a timing depends on).
 """
 import copy
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
 
-from model.common import DeviceContext, TinyMindError, cpu_native_bf16
+from model.common import DeviceContext, cpu_native_bf16, peak_memory_mb  # noqa: F401 (peak_memory_mb: bench)
 from model.engine import generate
 from model.model import TinyMindForCausalLM, get_config
 from model.lora_fused import use_plain_loop
@@ -146,28 +145,6 @@ def reset_peak_memory(device):
             f.write("5")
     except OSError:
         pass  # not Linux: the peak below then also covers the interpreter's start-up
-
-
-def peak_memory_mb(device):
-    """Peak memory of this process: CUDA max allocated, or the peak resident set size on the CPU.
-
-    Linux's VmHWM, not getrusage's ru_maxrss: ru_maxrss survives fork + exec, so a child would start with
-    its parent's peak (here: the bench process holding several models) and both variants would read alike.
-    """
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024  # kB -> MB
-    except (OSError, StopIteration, ValueError):
-        pass
-    try:
-        import resource
-    except ImportError:
-        raise TinyMindError("lora_memory on CPU needs Linux's /proc or the POSIX 'resource' module: "
-                            "leave it out with --only") from None
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB elsewhere
 
 
 def current_memory_mb(device):

@@ -24,6 +24,12 @@ One GPU / several GPUs:
     python trainer/train_lora.py --device cuda --lora_name lora_medical --data_path dataset/lora_medical.jsonl
     torchrun --nproc_per_node 2 trainer/train_lora.py --lora_name lora_medical \\
         --data_path dataset/lora_medical.jsonl
+A released model (imported with scripts/convert_model.py --from hf; docs/08-lora-on-real-models.md):
+    python trainer/train_lora.py --from_weight smol --tokenizer_path out/smol_tokenizer.json \
+        --data_path dataset/lora_identity_en.jsonl --lora_name lora_me --batch_size 8 --max_seq_len 128 \
+        --grad_checkpoint 1          # --base_dtype auto holds a 100M+ base in the run's compute dtype (bf16
+                                     # under bf16 autocast), --head_chunk auto runs a 32k+ vocabulary's head
+                                     # in chunks; the run ends with its peak memory
 """
 import sys
 from pathlib import Path
@@ -32,14 +38,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import argparse
 
+import torch
+
 from dataset.lm_dataset import collate_batch
-from model.common import TinyMindError, cleanup_distributed, find_checkpoint, run_main, setup_device
+from model.common import TinyMindError, cleanup_distributed, find_checkpoint, peak_memory_mb, run_main, setup_device
+from model.loss_chunked import head_chunk_rows
+from model.lora_frozen_base import base_dtype, hold_frozen_base
 from model.lora_variants import TrainSetup, add_variant_args, config_from_args, get_variant
 from model.model_lora import DEFAULT_TARGETS, LoRAConfig, apply_lora, load_lora, save_lora
 from trainer.resume import run_key, seed_everything
 from trainer.train_loop import finish_run, train_loop
 from trainer.trainer_utils import TrainConfig, add_common_args, setup_run
-from trainer.watch import WatchReplies, add_watch_flag, watch_prompts
+from trainer.watch import WatchReplies, add_watch_flag, auto_watch_off, watch_prompts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,9 +75,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_over", default="",
                    help="LoRA name(s), comma-separated, loaded first (frozen, active): the new adapter is trained "
                         "on top of them and its file will refuse to load without them (default: none)")
+    p.add_argument("--base_dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype the frozen base is held in (the adapters stay fp32): auto = the run's compute dtype "
+                        "(--dtype: bf16/fp16 where it autocasts, else fp32) for a base of 100M+ parameters, fp32 "
+                        "for smaller ones such as the demo's; float16 on a GPU only (default: auto)")
+    p.add_argument("--grad_checkpoint", type=int, default=0, choices=[0, 1],
+                   help="1: gradient checkpointing, keep each block's input only and recompute the block in the "
+                        "backward (less activation memory, about one more forward of compute) (default: 0)")
+    p.add_argument("--head_chunk", default="auto",
+                   help="the training loss runs the LM head this many rows at a time, never holding the whole "
+                        "(tokens x vocabulary) logits: auto = 256 rows for a vocabulary of 32k+ tokens, plain "
+                        "below; 0 = plain (default: auto)")
     add_watch_flag(p)
     add_variant_args(p)
     return p
+
+
+def memory_settings(model, args, ctx, variant) -> str:
+    """Apply --base_dtype, --grad_checkpoint and --head_chunk to the wrapped model; the log line saying what
+    they did."""
+    if args.head_chunk != "auto" and not (args.head_chunk.isdigit()):
+        raise TinyMindError(f"--head_chunk {args.head_chunk}: expected auto, 0 or a number of rows")
+    base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    dtype = base_dtype(args.base_dtype, ctx.dtype, base, ctx.device)
+    if dtype != torch.float32 and any(getattr(variant, k) is not None
+                                      for k in ("layer", "prepare", "save_extra", "export")):
+        raise TinyMindError(f"--base_dtype {args.base_dtype}: LoRA variant {variant.name} reads or rewrites the base "
+                            "weights; train it on an fp32 base (--base_dtype float32)")
+    saved = hold_frozen_base(model, dtype)
+    model.model.gradient_checkpointing = bool(args.grad_checkpoint)
+    model.head_chunk_rows = head_chunk_rows(args.head_chunk, model.config.vocab_size)
+    head = f"in chunks of {model.head_chunk_rows} rows" if model.head_chunk_rows else "whole"
+    return (f"memory: frozen base in {str(dtype)[6:]} (saves {saved / 2**20:.0f} MB), adapters fp32, gradient "
+            f"checkpointing {'on' if args.grad_checkpoint else 'off'}, LM head loss {head}")
 
 
 def main(argv=None, hooks=()):
@@ -96,16 +136,21 @@ def main(argv=None, hooks=()):
                             TrainSetup(setup.train_set, collate_batch, ctx, args, setup.files))
         info["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         base = info["total"] - info["trainable"]
+        memory = memory_settings(model, args, ctx, variant)
         ctx.log(f"model: {setup.src} (hidden {config.hidden_size}, {config.num_hidden_layers} layers)")
         ctx.log(f"LoRA {args.lora_name}: rank {lora_cfg.rank}, alpha {lora_cfg.alpha:g}, scaling "
                 f"{lora_cfg.scaling:.4g}, {len(info['wrapped'])} layers wrapped ({args.lora_targets}), "
                 f"variant {variant.name} {lora_cfg.options or ''}")
         ctx.log(f"parameters: total {info['total']:,} (base {base:,} frozen), LoRA {info['trainable']:,} "
                 f"trainable = {100 * info['trainable'] / info['total']:.2f}% of total")
+        ctx.log(memory)
         files = setup.files
         make_optimizer = variant.make_optimizer(args) if variant.make_optimizer is not None else None
         hooks = [*(variant.hooks(model, args.lora_name, args) if variant.hooks is not None else ()), *hooks]
-        prompts = watch_prompts(args.watch_prompts, setup.data_path, setup.tok, setup.val_set)
+        prompts = watch_prompts(args.watch_prompts, setup.data_path, setup.tok, setup.val_set, n_params=info["total"])
+        if auto_watch_off(args.watch_prompts, info["total"]):
+            ctx.log(f"watch: off for a {info['total'] / 1e6:.0f}M-parameter base (each reply is decoded token by "
+                    "token through the live adapters); name prompts with --watch_prompts \"a|b\" to watch them")
         hooks.append(WatchReplies(prompts, setup.tok, ctx.log, ctx.is_main))
 
         def save_weights(m):
@@ -121,6 +166,9 @@ def main(argv=None, hooks=()):
                  "lora_options": repr(sorted(lora_cfg.options.items()))},
             resume=bool(args.from_resume),
             hooks=hooks, make_optimizer=make_optimizer)
+        metrics["peak_memory_mb"] = peak_memory_mb(ctx.device)
+        how = "max allocated" if ctx.device.type == "cuda" else "peak resident set of the process"
+        ctx.log(f"peak memory: {metrics['peak_memory_mb']:,.0f} MB ({how})")
         return finish_run(metrics, ctx)
     finally:
         cleanup_distributed(ctx)

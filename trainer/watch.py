@@ -13,6 +13,11 @@ What this file implements:
                                               # the first user turn of two held-out validation samples
     --watch_prompts "感冒应该挂什么科？|熊猫爱吃什么？"    # your own prompts, separated by |
     --watch_prompts none                      # watch nothing
+
+On a base of 100M+ parameters (a released model, docs/08-lora-on-real-models.md) ``auto`` watches
+nothing: each reply is decoded token by token through the live (unmerged) adapters, about one forward
+pass of the whole model per token, so three 40-token replies cost as much as a few training steps of
+1,000 tokens at every validation pass. Named prompts are still watched there; the log says which.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ DEMO_PROMPTS = {
     "lora_medical.jsonl": ("看感冒应该挂哪个科室？", "中耳炎的症状是什么？", "你知道元宵节的传统食物吗？"),
 }
 MAX_NEW_TOKENS = 40  # the demo answers are one short sentence
+AUTO_MAX_PARAMS = 100_000_000  # --watch_prompts auto watches nothing on a base this large (see above)
 
 
 def add_watch_flag(parser) -> None:
@@ -39,19 +45,26 @@ def add_watch_flag(parser) -> None:
     parser.add_argument("--watch_prompts", default="auto",
                         help="prompts whose greedy replies are printed before training and at every validation "
                              "pass: 'auto' (fixed held-out questions for the shipped demo files, otherwise two "
-                             "held-out validation prompts), 'none', or your own prompts separated by | "
-                             "(default: auto)")
+                             "held-out validation prompts; nothing on a base of 100M+ parameters), 'none', or your own "
+                             "prompts separated by | (default: auto)")
 
 
-def watch_prompts(flag: str, data_path, tok, val_set=None, n_from_val: int = 2) -> list[tuple[str, list[int]]]:
+def auto_watch_off(flag: str, n_params: int) -> bool:
+    """Whether ``--watch_prompts auto`` watches nothing because the model has ``AUTO_MAX_PARAMS`` or more."""
+    return (flag or "").strip().lower() == "auto" and n_params >= AUTO_MAX_PARAMS
+
+
+def watch_prompts(flag: str, data_path, tok, val_set=None, n_from_val: int = 2,
+                  n_params: int = 0) -> list[tuple[str, list[int]]]:
     """(label, prompt token ids) for each prompt to watch.
 
     flag: "none" / "" (nothing), "auto" (``DEMO_PROMPTS`` for a shipped file, otherwise the first user
-        turn of ``n_from_val`` held-out validation samples, system turn included), or prompts joined by "|".
+        turn of ``n_from_val`` held-out validation samples, system turn included; nothing for a model of
+        ``n_params`` >= ``AUTO_MAX_PARAMS``), or prompts joined by "|".
     val_set: items (input_ids, labels); a sample's prompt is everything before its first trained token.
     """
     flag = (flag or "").strip()
-    if flag.lower() in ("", "none", "0"):
+    if flag.lower() in ("", "none", "0") or auto_watch_off(flag, n_params):
         return []
     if flag.lower() == "auto":
         demo = DEMO_PROMPTS.get(Path(data_path).name)

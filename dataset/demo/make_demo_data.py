@@ -16,7 +16,9 @@ The driver of the generator in dataset/demo/; the parts live beside it:
 - lora_eval_sets.py: ``make_lora_identity`` / ``make_lora_medical`` (the new persona of
   world_chat.py and the medical table of world_medical.py, each with replayed general conversations)
   and ``make_eval`` (dataset/eval/: held-out phrasings and facts);
-- demo_world.py, world_chat.py, world_medical.py, world_stories.py: the knowledge tables.
+- demo_world.py, world_chat.py, world_medical.py, world_stories.py: the knowledge tables;
+- persona_en.py: ``make_identity_en``, the English identity set for a released English-only model
+  (``--lang en``: dataset/lora_identity_en.jsonl, nothing else; docs/08-lora-on-real-models.md).
 
 This file: ``generate`` (every file's records in memory, plus the guard that no evaluation prompt
 is a training prompt), ``write_all``, ``stats`` (the numbers in dataset/README.md) and ``main``.
@@ -30,6 +32,8 @@ iteration and ``json.dumps(ensure_ascii=False)``, so the same seed gives byte-id
     python dataset/demo/make_demo_data.py --seed 7 --out_dir /tmp/demo   # another world, elsewhere
     python dataset/demo/make_demo_data.py --name 小明 --maker 某某实验室   # your own LoRA persona: rewrites
                                         # only dataset/lora_identity.jsonl and dataset/eval/identity.jsonl
+    python dataset/demo/make_demo_data.py --lang en --name Nova --maker "Acme Lab"   # the same in English,
+                                        # for an English-only released model: only dataset/lora_identity_en.jsonl
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ import time
 from collections import Counter
 
 from dataset.demo.lora_eval_sets import make_eval, make_lora_identity, make_lora_medical, medical_plan, replay_pool
+from dataset.demo.persona_en import english_persona, make_identity_en
 from dataset.demo.pretrain_text import make_pretrain
 from dataset.demo.sft_chat import identity_prompts, make_sft, persona_convs
 from dataset.demo.world import Sizes, build_world
@@ -141,18 +146,21 @@ def stats(out_dir: Path, files=FILES) -> list[dict]:
 
 
 IDENTITY_FILES = ("lora_identity.jsonl", "eval/identity.jsonl")
+ENGLISH_FILE = "lora_identity_en.jsonl"
 
 
-def check_persona(name: str | None, maker: str | None) -> dict:
+def check_persona(name: str | None, maker: str | None, lang: str = "zh") -> dict:
     """The persona asked for by --name / --maker, or a TinyMindError saying what is wrong with it."""
     base = C.BASE_PERSONA
     for flag, value in (("--name", name), ("--maker", maker)):
         if value is not None and (not value.strip() or value != value.strip() or "\n" in value):
             raise TinyMindError(f"{flag} {value!r}: give a non-empty word without surrounding spaces")
+        if lang == "en":   # the base is a released model with its own name, not TinyMind
+            continue
         if value is not None and (base["name"].lower() in value.lower() or value.lower() in base["name"].lower()):
             raise TinyMindError(f"{flag} {value}: must differ from the base persona {base['name']} "
                                 "(the evaluation tells the two apart by name)")
-    return C.lora_persona(name, maker)
+    return english_persona(name, maker) if lang == "en" else C.lora_persona(name, maker)
 
 
 def rare_characters(text: str, pretrain: list[dict], need: int) -> str:
@@ -170,11 +178,18 @@ def main(argv=None):
                         help="your own LoRA persona's name (e.g. 小明): rewrites only lora_identity.jsonl and "
                              "eval/identity.jsonl; pretraining and SFT stay as they are (default: 知微)")
     parser.add_argument("--maker", default=None,
-                        help="your own LoRA persona's maker (e.g. 某某实验室), used like --name (default: 青禾实验室)")
+                        help="your own LoRA persona's maker (e.g. 某某实验室), used like --name (default: 青禾实验室; "
+                             "with --lang en: Maple Lab)")
+    parser.add_argument("--lang", default="zh", choices=["zh", "en"],
+                        help="zh: the Chinese demo files; en: only the English identity set "
+                             f"{ENGLISH_FILE} for an English-only released model, persona --name / --maker "
+                             "(default name Juniper) (default: zh)")
     args = parser.parse_args(argv)
     out_dir = repo_path(args.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise TinyMindError(f"--out_dir {args.out_dir} exists and is not a folder")
+    if args.lang == "en":
+        return write_english(args, out_dir)
     custom = args.name is not None or args.maker is not None
     persona = check_persona(args.name, args.maker) if custom else None
     t0 = time.time()
@@ -192,6 +207,19 @@ def main(argv=None):
                   "characters are weak, so the adapter may write them wrongly")
     if not args.no_stats:
         for row in stats(out_dir, files):
+            print(json.dumps(row, ensure_ascii=False))
+    return records
+
+
+def write_english(args, out_dir: Path) -> dict:
+    """--lang en: the English identity set alone (dataset/demo/persona_en.py)."""
+    persona = check_persona(args.name, args.maker, "en")
+    records = {ENGLISH_FILE: make_identity_en(args.seed, persona)}
+    write_all(records, out_dir, (ENGLISH_FILE,))
+    print(f"LoRA persona: {persona['name']}, made by {persona['maker']}; wrote {out_dir / ENGLISH_FILE} "
+          f"({len(records[ENGLISH_FILE])} conversations, seed {args.seed})")
+    if not args.no_stats:
+        for row in stats(out_dir, (ENGLISH_FILE,)):
             print(json.dumps(row, ensure_ascii=False))
     return records
 
