@@ -5,7 +5,11 @@ Implements:
   reserved specials. Ids 0/1/2 are the same as MiniMind's, so MiniMind-format data and checkpoints line up.
 - ``TinyMindTokenizer``: ``encode`` / ``encode_batch`` / ``decode`` and ``apply_chat_template`` (ChatML);
   ``CHAT_TEMPLATE_JINJA``: the same template for transformers.
-- ``load_tokenizer(path=None)``: reads ``model/tokenizer.json`` (trained by ``trainer/train_tokenizer.py``).
+- ``OwnChat`` / ``read_own_chat``: the chat setup of an imported model (Qwen, Llama 3, SmolLM2, ...): its
+  Jinja chat template, rendered as transformers renders it (``render_template``), its special tokens and
+  its end-of-turn ids; read from the files beside its ``tokenizer.json`` (``companion_files``).
+- ``load_tokenizer(path=None)``: reads ``model/tokenizer.json`` (trained by ``trainer/train_tokenizer.py``),
+  or an imported model's tokenizer with its own chat setup.
 
 Byte-level BPE means every string round-trips exactly: text is first turned into UTF-8 bytes, each byte is
 a base token, and merges only glue bytes together, so emoji or a script the tokenizer never saw still encode
@@ -16,9 +20,15 @@ becomes the single id 1.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
+import jinja2
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from model.common import TinyMindError, atomic_write, repo_path
@@ -38,22 +48,147 @@ CHAT_TEMPLATE_JINJA = (
 )
 
 
+# ---------------------------------------------------------------------------------------------
+# an imported model's own chat template
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class OwnChat:
+    """The chat setup a released model comes with (``tokenizer_config.json`` + ``generation_config.json``)."""
+    template: str                   # the Jinja chat template
+    specials: dict[str, str]        # bos_token / eos_token / pad_token / unk_token -> text (those it names)
+    stop_ids: tuple[int, ...] = ()  # generation_config.json's eos_token_id(s); () -> the eos token alone
+
+
+def companion_files(path: Path) -> dict[str, Path] | None:
+    """The files a transformers folder keeps beside ``tokenizer.json``, by the same prefix: for
+    ``dir/tokenizer.json`` -> ``dir/tokenizer_config.json`` ...; for ``out/x_tokenizer.json`` (what an import
+    keeps) -> ``out/x_tokenizer_config.json`` .... None for a file not named ``*tokenizer.json``."""
+    if not path.name.endswith("tokenizer.json"):
+        return None
+    prefix = path.name[:-len("tokenizer.json")]
+    return {name: path.with_name(prefix + name)
+            for name in ("tokenizer_config.json", "chat_template.jinja", "generation_config.json")}
+
+
+def _json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise TinyMindError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise TinyMindError(f"{path}: expected a JSON object")
+    return d
+
+
+def _text(token) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": string, ...}."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def read_own_chat(path: Path) -> OwnChat | None:
+    """The chat setup stored beside ``path`` (a ``*tokenizer.json``), or None where there is none or it is
+    TinyMind's own ChatML (which ``TinyMindTokenizer`` renders in plain Python)."""
+    files = companion_files(path)
+    if files is None or not files["tokenizer_config.json"].is_file():
+        return None
+    config = _json(files["tokenizer_config.json"])
+    template = config.get("chat_template")
+    if files["chat_template.jinja"].is_file():   # newer transformers keep the template in a file of its own
+        template = files["chat_template.jinja"].read_text(encoding="utf-8")
+    if isinstance(template, list):   # several named templates: the default one is the chat template
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if template is None or template == CHAT_TEMPLATE_JINJA:
+        return None
+    if not isinstance(template, str):
+        raise TinyMindError(f"{files['tokenizer_config.json']}: chat_template is not a string")
+    specials = {k: _text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    stop = ()
+    if files["generation_config.json"].is_file():
+        eos = _json(files["generation_config.json"]).get("eos_token_id")
+        stop = tuple(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+    return OwnChat(template, {k: v for k, v in specials.items() if isinstance(v, str)}, stop)
+
+
+class _GenerationTag(Extension):
+    """``{% generation %}...{% endgeneration %}``, which transformers' templates may use to mark what the
+    assistant says: rendered as its body."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def compile_template(template: str) -> jinja2.Template:
+    """The Jinja environment transformers renders chat templates in (sandboxed, trim_blocks, lstrip_blocks,
+    loop controls; tojson without HTML escaping; raise_exception and strftime_now), so that a template
+    gives the same text here as in ``AutoTokenizer.apply_chat_template``."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateError as e:
+        raise TinyMindError(f"the model's chat template does not compile ({e})") from None
+
+
+def render_template(template: jinja2.Template, chat: OwnChat, messages: list[dict],
+                    add_generation_prompt: bool) -> str:
+    """The template's text for ``messages``: what transformers passes it (messages, tools, documents,
+    add_generation_prompt and the special tokens by name)."""
+    try:
+        return template.render(messages=messages, tools=None, documents=None,
+                               add_generation_prompt=add_generation_prompt, **chat.specials)
+    except jinja2.TemplateError as e:   # raise_exception(...) in the template, e.g. roles out of order
+        raise TinyMindError(f"the model's chat template refused the conversation: {e}") from None
+
+
 class TinyMindTokenizer:
-    """Byte-level BPE with TinyMind's special ids and the ChatML chat template."""
+    """Byte-level BPE with TinyMind's special ids and the ChatML chat template; or, with ``chat``, an
+    imported model's tokenizer with its own special tokens and chat template."""
 
     pad_token, bos_token, eos_token = PAD_TOKEN, BOS_TOKEN, EOS_TOKEN
 
-    def __init__(self, tokenizer: Tokenizer, path: str | os.PathLike | None = None):
+    def __init__(self, tokenizer: Tokenizer, path: str | os.PathLike | None = None, chat: OwnChat | None = None):
         self.tokenizer = tokenizer
         self.path = Path(path) if path is not None else None
+        self.chat = chat
         where = path if path is not None else "tokenizer"
-        # The whole pipeline (pretrain documents, chat template, padding) relies on these three ids.
-        for want_id, tok in enumerate((PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)):
-            got = tokenizer.token_to_id(tok)
-            if got != want_id:
-                raise TinyMindError(f"{where}: special token {tok} has id {got}, expected {want_id} "
-                                    "(retrain it with trainer/train_tokenizer.py)")
-        self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
+        if chat is None:
+            # The whole pipeline (pretrain documents, chat template, padding) relies on these three ids.
+            for want_id, tok in enumerate((PAD_TOKEN, BOS_TOKEN, EOS_TOKEN)):
+                got = tokenizer.token_to_id(tok)
+                if got != want_id:
+                    raise TinyMindError(f"{where}: special token {tok} has id {got}, expected {want_id} "
+                                        "(retrain it with trainer/train_tokenizer.py)")
+            self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
+            self.stop_ids = (2,)
+        else:
+            self._template = compile_template(chat.template)
+            ids = {}
+            for key, text in chat.specials.items():
+                ids[key] = tokenizer.token_to_id(text)
+                if ids[key] is None:
+                    raise TinyMindError(f"{where}: its {key} {text!r} is not a token of the tokenizer")
+            if "eos_token" not in ids:
+                raise TinyMindError(f"{where}: the tokenizer config names no eos_token")
+            self.pad_token, self.bos_token, self.eos_token = (chat.specials.get(k) for k in
+                                                              ("pad_token", "bos_token", "eos_token"))
+            self.eos_id, self.bos_id = ids["eos_token"], ids.get("bos_token")   # bos: None for Qwen
+            self.pad_id = ids.get("pad_token", self.eos_id)   # only ever masked out
+            # a reply ends at any of the model's end-of-turn ids (Llama 3: <|eot_id|>, <|eom_id|>, ...)
+            self.stop_ids = chat.stop_ids or (self.eos_id,)
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         # Short digest of the full tokenizer definition: data caches built with another tokenizer are stale.
         self.fingerprint = hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()[:16]
@@ -67,7 +202,9 @@ class TinyMindTokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens=True`` gives a pretraining document ``[1] + ids + [2]``."""
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return [self.bos_id, *ids, self.eos_id] if add_special_tokens else ids
+        if not add_special_tokens:
+            return ids
+        return [*([] if self.bos_id is None else [self.bos_id]), *ids, self.eos_id]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """``encode`` for many texts at once (the Rust side runs them in parallel): used by the loaders."""
@@ -90,12 +227,18 @@ class TinyMindTokenizer:
 
             <|im_start|>{role}\\n{content}<|im_end|>\\n      (for each message)
             <|im_start|>assistant\\n                          (if add_generation_prompt)
+
+        An imported model's tokenizer renders its own template instead (``render_template``).
         """
         parts = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise TinyMindError(f"chat message {i}: expected {{'role': str, 'content': str}}, got {m!r:.80}")
+            if self.chat is not None:
+                continue
             parts.append(f"{BOS_TOKEN}{m['role']}\n{m['content']}{EOS_TOKEN}\n")
+        if self.chat is not None:
+            return render_template(self._template, self.chat, [dict(m) for m in messages], add_generation_prompt)
         if add_generation_prompt:
             parts.append(f"{BOS_TOKEN}assistant\n")
         return "".join(parts)
@@ -109,7 +252,8 @@ class TinyMindTokenizer:
 
 
 def load_tokenizer(path: str | os.PathLike | None = None) -> TinyMindTokenizer:
-    """Load ``model/tokenizer.json`` (or ``path``); a missing or unreadable file is a ``TinyMindError``."""
+    """Load ``model/tokenizer.json`` (or ``path``); a missing or unreadable file is a ``TinyMindError``.
+    A chat template stored beside it (``read_own_chat``: an imported model's) comes with it."""
     path = repo_path(path if path is not None else DEFAULT_TOKENIZER_PATH)
     if not path.is_file():
         raise TinyMindError(f"tokenizer not found: {path} (train one with: python trainer/train_tokenizer.py)")
@@ -118,4 +262,4 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> TinyMindTokenizer:
     except Exception as e:  # truncated JSON, not a tokenizer file, unknown model type, ...
         msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise TinyMindError(f"{path} is not a readable tokenizer file ({msg})") from None
-    return TinyMindTokenizer(tok, path)
+    return TinyMindTokenizer(tok, path, read_own_chat(path))
