@@ -240,7 +240,8 @@ def test_family_imports_chats_and_exports_exactly(name, tmp_path, capsys):
     theirs = hf.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)[0, len(ids):].tolist()
     reply, ours, _ = generate_reply(lm.model, lm.tok, ids, NEW_TOKENS, temperature=0)
     assert ours == theirs and ours[-1] in stops and len(ours) <= 5
-    assert reply == hf_tok.decode(theirs, skip_special_tokens=True)
+    # the reply text: TinyMind drops a character whose bytes the last tokens left unfinished (U+FFFD)
+    assert reply == hf_tok.decode(theirs, skip_special_tokens=True).rstrip("\ufffd")
     # eval_llm.py prompts and answers the same way (one user message, the system prompt by flag)
     one = ([SYSTEM] if FAMILIES[name]["system"] else []) + MESSAGES[:1]
     one_ids = hf_prompt(hf_tok, one)
@@ -250,7 +251,7 @@ def test_family_imports_chats_and_exports_exactly(name, tmp_path, capsys):
                    "--prompt", MESSAGES[0]["content"], "--temperature", "0", "--stream", "0",
                    "--max_new_tokens", str(NEW_TOKENS), "--device", "cpu", "--dtype", "float32",
                    *(["--system", SYSTEM["content"]] if FAMILIES[name]["system"] else [])])
-    assert capsys.readouterr().out == hf_tok.decode(want, skip_special_tokens=True) + "\n"
+    assert capsys.readouterr().out == hf_tok.decode(want, skip_special_tokens=True).rstrip("\ufffd") + "\n"
 
     # exported back: the same family, its tokenizer files, the same logits in transformers
     convert(out, "--weight", "imported", "--to", "hf", "--out", tmp_path / "back")
