@@ -32,10 +32,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from model.chat_template import companion_files
 from model.common import TinyMindError, atomic_write, atomic_write_text, safe_load
 from model.model import ROPE_SCALING_KEYS, TinyMindConfig, check_rope_scaling, check_state_dict, expected_shapes
 from model.model_lora import find_targets, is_embedding
-from model.tokenizer import BOS_TOKEN, CHAT_TEMPLATE_JINJA, EOS_TOKEN, PAD_TOKEN, companion_files, load_tokenizer
+from model.tokenizer import BOS_TOKEN, CHAT_TEMPLATE_JINJA, EOS_TOKEN, PAD_TOKEN, load_tokenizer
 
 ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
          "mistral": "MistralForCausalLM"}                           # model_type -> class name

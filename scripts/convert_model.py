@@ -31,6 +31,7 @@ import shutil
 
 import torch
 
+from model.chat_template import companion_files
 from model.common import TinyMindError, atomic_write, find_checkpoint, repo_path, run_main, safe_load
 from model.engine import load_adapters, load_base
 from model.hf_format import (ARCHS, DTYPES, compact_targets, config_from_hf, export_hf, export_peft, hf_arch,
@@ -40,7 +41,7 @@ from model.model import (PRESETS, TinyMindConfig, TinyMindForCausalLM, count_par
                          save_model)
 from model.lora_file import LORA_FORMAT
 from model.model_lora import LoRAConfig, apply_lora, base_state_dict, load_lora, merge_lora, save_lora
-from model.tokenizer import DEFAULT_TOKENIZER_PATH, companion_files, load_tokenizer
+from model.tokenizer import DEFAULT_TOKENIZER_PATH, load_tokenizer
 from tools.cli import add_model_flags, lora_names
 
 ARCH_FLAGS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",

@@ -26,6 +26,7 @@ LAYERS = [
     ("model/train_hook.py", 1),
     ("model/model.py", 1),
     ("model/loss_fused.py", 1),
+    ("model/chat_template.py", 1),
     ("model/tokenizer.py", 1),
     ("model/model_lora.py", 2),
     ("model/lora_*.py", 2),
