@@ -184,8 +184,9 @@ def write_model(args, cfg: TinyMindConfig, state: dict, source: str, tok_path: P
     out = new_file(args, args.weight, cfg.hidden_size, "--weight")
     flag = keep_tokenizer(tok_path, cfg, repo_path(args.save_dir), args.weight)
     save_model(model, out, stage=stage, weight=args.weight, source=str(source), **extra)
-    print(f"[convert] wrote {out} (stage {stage}, {model.num_parameters() / 1e6:.2f}M params, "
-          f"qk_norm {cfg.qk_norm}); chat: python eval_llm.py --weight {args.weight}{flag}")
+    options = [f"{k} {v}" for k, v in cfg.to_dict().items() if k in ("qk_norm", "head_dim", "qkv_bias", "rope_scaling")]
+    print(f"[convert] wrote {out} (stage {stage}, {model.num_parameters() / 1e6:.2f}M params"
+          f"{''.join(', ' + o for o in options)}); chat: python eval_llm.py --weight {args.weight}{flag}")
     return out
 
 
