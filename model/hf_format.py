@@ -150,14 +150,19 @@ def hf_config(cfg: TinyMindConfig, arch: str, dtype: str, tokens: dict | None = 
 
 def rope_scaling_from_hf(d: dict, where) -> dict | None:
     """TinyMind's rope_scaling for a config.json: None for plain RoPE, Llama 3's as a dict; refused: the rest."""
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind == "default":
+    # transformers 5 writes rope_parameters, transformers 4 rope_scaling; a file may hold both: read each
+    scalings = [r for r in (d.get("rope_parameters"), d.get("rope_scaling"))
+                if isinstance(r, dict) and r.get("rope_type", r.get("type", "default")) != "default"]
+    if not scalings:
         return None
+    rope = scalings[0]
+    kind = rope.get("rope_type", rope.get("type"))
     if kind != "llama3":
         raise TinyMindError(f"{where}: rope scaling {kind!r} is not supported (TinyMind computes plain RoPE and "
                             "Llama 3's 'llama3' scaling)")
     scaling = {"rope_type": "llama3", **{k: rope.get(k) for k in ROPE_SCALING_KEYS}}
+    if any({k: r.get(k) for k in ROPE_SCALING_KEYS} != {k: scaling[k] for k in ROPE_SCALING_KEYS} for r in scalings):
+        raise TinyMindError(f"{where}: rope_parameters and rope_scaling disagree ({scalings})")
     try:
         check_rope_scaling(scaling)
     except TinyMindError as e:

@@ -416,6 +416,8 @@ def test_generate_stops_at_any_of_several_end_ids():
     (dict(model_type="falcon_mamba", architectures=["FalconMambaForCausalLM"]), "FalconMambaForCausalLM"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope scaling 'yarn'"),
     (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope scaling 'dynamic'"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6}, rope_scaling={"rope_type": "yarn"}),
+     "rope scaling 'yarn'"),   # transformers 4's key read too where the file has both
     (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "needs numbers factor, low_freq_factor"),
     (dict(attention_bias=True), ("attention_bias=True", "o_proj")),
     (dict(mlp_bias=True), "mlp_bias"),
