@@ -33,8 +33,9 @@ token takes 17.3 ms instead of 25.8 ms in fp32 and 16.3 ms instead of 19.3 ms in
   ``dev/bench.py --only decode`` prints today's rate and what the matrix products alone reach.
 
 ``generate`` keeps the plain forward where this path does not apply (``fast_decode_supported``, and the
-model's generate itself for left-padded batches): a live LoRA branch (a merged one is fine),
-``flash_attn=False``, training mode. tests/test_engine.py checks that both paths give the same logits
+model's generate itself for left-padded batches): a live LoRA branch (a merged one is fine), q/k/v
+biases (``qkv_bias``, Qwen2: ``plain_weight`` takes bias-free layers only), ``flash_attn=False``,
+training mode. tests/test_engine.py checks that both paths give the same logits
 and tokens.
 """
 from __future__ import annotations
@@ -169,7 +170,7 @@ def decode_step(model: nn.Module, w: DecodeWeights, ids, cache, pos: int):
     The residual stream is (B, C), one row per sequence: no sequence axis to carry through every product."""
     core, cfg = model.model, model.config
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    hd = cfg.hidden_size // nh
+    hd = cfg.head_dim
     eps = cfg.rms_norm_eps
     B = ids.size(0)
     cos, sin = core.rope_cos[pos], core.rope_sin[pos]                     # (hd,)
@@ -207,7 +208,8 @@ def generate(model: nn.Module, input_ids, **kwargs):
 
 def encode_chat(tok, messages: list[dict]) -> list[int]:
     """Token ids of the ChatML prompt for ``messages`` (role/content dicts), ending with the
-    ``<|im_start|>assistant\\n`` the model answers after: the one way every program prompts a chat model."""
+    ``<|im_start|>assistant\\n`` the model answers after: the one way every program prompts a chat model.
+    An imported model's tokenizer renders its own template (model/tokenizer.py::render_template)."""
     return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
 
 
@@ -219,8 +221,8 @@ def prompt_ids(tok, messages: list, chat: bool, ctx: int, max_new_tokens: int) -
     the system turn and the last message always stay. A "pretrain" checkpoint (``chat=False``) continues
     the last message's text. A prompt that still fills the context is a TinyMindError.
     """
-    if not chat:  # pretraining documents start with <|im_start|> (bos), so the prompt does too
-        ids = [tok.bos_id] + tok.encode(messages[-1]["content"])
+    if not chat:  # pretraining documents start with bos (<|im_start|>), so the prompt does too
+        ids = ([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(messages[-1]["content"])
     else:
         head = messages[:1] if len(messages) > 1 and messages[0]["role"] == "system" else []
         history = messages[len(head):-1]
@@ -268,7 +270,7 @@ def generate_reply(model, tok, ids: list, max_new_tokens: int, temperature: floa
     out = generate(model, torch.tensor([ids], dtype=torch.long, device=device),
                    max_new_tokens=min(max_new_tokens, ctx - len(ids)),
                    temperature=temperature, top_k=top_k, top_p=top_p,
-                   repetition_penalty=repetition_penalty, eos_token_id=tok.eos_id, streamer=on_token)
+                   repetition_penalty=repetition_penalty, eos_token_id=list(tok.stop_ids), streamer=on_token)
     seconds = time.perf_counter() - t0
     new_ids = out[0, len(ids):].tolist()
     reply = tok.decode(new_ids).rstrip("\ufffd")  # a character cut by max_new_tokens is dropped
@@ -283,7 +285,8 @@ def greedy_replies(model: nn.Module, tok, prompts: list[list[int]], max_new_toke
     """The greedy reply text to each prompt (token ids), in the prompts' order.
 
     Prompts are sorted by length and decoded ``batch_size`` at a time, left-padded so every prompt ends at
-    the last column (one KV cache per batch); each reply is cut at ``<|im_end|>``, decoded without special
+    the last column (one KV cache per batch); each reply is cut at its end-of-turn token (``<|im_end|>``;
+    an imported model's own, ``tok.stop_ids``), decoded without special
     tokens and stripped. batch_size=1 pads nothing, so the fast one-token step runs. The model is put in
     eval mode (dropout off, as in chat) and given back in the mode it came in.
     """
@@ -302,11 +305,12 @@ def greedy_replies(model: nn.Module, tok, prompts: list[list[int]], max_new_toke
                 ids[row, longest - len(prompts[i]):] = torch.tensor(prompts[i])
                 mask[row, longest - len(prompts[i]):] = 1
             out = generate(model, ids.to(device), max_new_tokens=max_new_tokens, temperature=0.0,
-                           eos_token_id=tok.eos_id, attention_mask=mask.to(device))
+                           eos_token_id=list(tok.stop_ids), attention_mask=mask.to(device))
             for row, i in enumerate(idx):
                 new = out[row, longest:].tolist()
-                if tok.eos_id in new:
-                    new = new[:new.index(tok.eos_id)]
+                ends = [j for j, t in enumerate(new) if t in tok.stop_ids]
+                if ends:
+                    new = new[:ends[0]]
                 replies[i] = tok.decode(new, skip_special_tokens=True).strip()
     finally:
         model.train(was_training)

@@ -5,11 +5,15 @@ No transformers or peft import here: the files are plain JSON and safetensors, w
 What this file implements:
 - ``read_safetensors`` / ``write_safetensors``: tensors from and to ``*.safetensors`` with one-line errors,
   written atomically.
-- ``hf_config`` / ``config_from_hf``: TinyMind's config <-> ``config.json`` of ``LlamaForCausalLM``
-  (or ``Qwen3ForCausalLM`` for a model with q/k norms); whatever TinyMind cannot compute (biases, rope
-  scaling, another architecture, a head size that is not hidden / heads) is refused by name.
+- ``hf_config`` / ``config_from_hf`` / ``hf_arch``: TinyMind's config <-> ``config.json`` of the families
+  TinyMind computes exactly: ``LlamaForCausalLM`` (SmolLM2, Llama 3.x with its rope scaling),
+  ``Qwen2ForCausalLM`` (Qwen2/2.5: q/k/v biases), ``Qwen3ForCausalLM`` (q/k norms, a head size apart from
+  hidden / heads; minimind-3) and ``MistralForCausalLM`` without a sliding window. Whatever TinyMind
+  cannot compute (another family, an o_proj or MLP bias, sliding windows, other rope scalings) is refused
+  by name, with what TinyMind lacks (``LACKS``).
 - ``export_hf`` / ``read_hf``: a whole transformers folder: weights, config, generation config and the
-  tokenizer (``tokenizer.json`` + ``tokenizer_config.json`` with the ChatML ``chat_template``).
+  tokenizer (``tokenizer.json`` + ``tokenizer_config.json`` with the ChatML ``chat_template``, or an
+  imported model's own tokenizer files, chat template included).
 - ``export_peft`` / ``read_peft``: a LoRA as a PEFT adapter folder (``adapter_config.json`` +
   ``adapter_model.safetensors``). ``PEFT_VARIANTS`` maps the variant named in a TinyMind LoRA file to
   PEFT's settings; a variant without an entry is refused by name.
@@ -28,12 +32,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from model.chat_template import companion_files
 from model.common import TinyMindError, atomic_write, atomic_write_text, safe_load
-from model.model import TinyMindConfig, check_state_dict, expected_shapes
+from model.model import ROPE_SCALING_KEYS, TinyMindConfig, check_rope_scaling, check_state_dict, expected_shapes
 from model.model_lora import find_targets, is_embedding
 from model.tokenizer import BOS_TOKEN, CHAT_TEMPLATE_JINJA, EOS_TOKEN, PAD_TOKEN, load_tokenizer
 
-ARCHS = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}   # model_type -> class name
+ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+         "mistral": "MistralForCausalLM"}                           # model_type -> class name
 PEFT_PREFIX = "base_model.model."                                    # PEFT's names: prefix + module + leaf
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,34 +81,93 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path):
 
 # ----------------------------------------------------------------------------- config.json
 
-def hf_config(cfg: TinyMindConfig, arch: str, dtype: str) -> dict:
-    """config.json for ``arch`` ("llama" or "qwen3"); rope is written the transformers 4 way (rope_theta,
-    rope_scaling) and the transformers 5 way (rope_parameters), so both read it."""
-    if arch == "llama" and cfg.qk_norm:
-        raise TinyMindError("this model has q/k norms (qk_norm), which LlamaForCausalLM lacks; "
+# What TinyMind lacks to run a family it does not read: named in the refusal.
+LACKS = {
+    "gemma": "GeGLU MLP, (1 + w) RMSNorm and scaled embeddings", "gemma2": "logit soft-capping, sliding window, "
+    "GeGLU and extra norms", "gemma3": "sliding window, GeGLU, q/k norms with (1 + w) and extra norms",
+    "gemma3_text": "sliding window, GeGLU, q/k norms with (1 + w) and extra norms",
+    "phi": "LayerNorm, GELU, partial rotary embeddings and parallel attention + MLP",
+    "phi3": "fused qkv / gate_up weights and longrope scaling",
+    "mixtral": "a mixture-of-experts MLP", "qwen2_moe": "a mixture-of-experts MLP",
+    "qwen3_moe": "a mixture-of-experts MLP", "deepseek_v3": "multi-head latent attention and experts",
+    "gpt2": "LayerNorm, GELU, learned positions and fused qkv weights", "gpt_neox": "LayerNorm, GELU and "
+    "parallel attention + MLP", "olmo2": "norms after attention and MLP, q/k norms over all heads",
+    "falcon": "LayerNorm, GELU and parallel attention + MLP", "stablelm": "LayerNorm and partial rotary embeddings",
+}
+
+
+def hf_arch(cfg: TinyMindConfig, wanted: str | None = None) -> str:
+    """The transformers family a model exports as: ``wanted`` (the one it was imported from) when that
+    family computes it, else qwen3 for q/k norms, qwen2 for q/k/v biases, llama otherwise."""
+    fits = {"llama": not cfg.qk_norm and not cfg.qkv_bias, "mistral": not cfg.qk_norm and not cfg.qkv_bias,
+            "qwen2": not cfg.qk_norm and cfg.qkv_bias, "qwen3": cfg.qk_norm and not cfg.qkv_bias}
+    if wanted in fits and fits[wanted]:
+        return wanted
+    return "qwen3" if cfg.qk_norm else "qwen2" if cfg.qkv_bias else "llama"
+
+
+def hf_config(cfg: TinyMindConfig, arch: str, dtype: str, tokens: dict | None = None) -> dict:
+    """config.json for ``arch`` (a key of ARCHS); rope is written the transformers 4 way (rope_theta,
+    rope_scaling) and the transformers 5 way (rope_parameters), so both read it. ``tokens``: bos/eos/pad
+    ids (default TinyMind's 1/2/0)."""
+    if cfg.qk_norm and arch != "qwen3":
+        raise TinyMindError(f"this model has q/k norms (qk_norm), which {ARCHS[arch]} lacks; "
                             "export it with --arch qwen3 (or --arch auto)")
     if arch == "qwen3" and not cfg.qk_norm:
         raise TinyMindError("Qwen3ForCausalLM always normalises q and k, this model does not (qk_norm off); "
                             "export it with --arch llama (or --arch auto)")
+    if cfg.qkv_bias != (arch == "qwen2"):
+        have = "has" if cfg.qkv_bias else "lacks"
+        raise TinyMindError(f"this model {have} q/k/v biases (qkv_bias), {ARCHS[arch]} "
+                            f"{'always has them' if arch == 'qwen2' else 'has none (or one on o_proj too)'}; "
+                            "export it with --arch auto")
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rope = {**cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+    tokens = tokens or {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
     d = {
         "architectures": [ARCHS[arch]], "model_type": arch,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
         "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.hidden_size // cfg.num_attention_heads, "hidden_act": "silu",
+        "head_dim": cfg.head_dim, "hidden_act": "silu",
         "max_position_embeddings": cfg.max_position_embeddings, "rms_norm_eps": cfg.rms_norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_word_embeddings,
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "use_cache": True,
-        "initializer_range": 0.02, "torch_dtype": dtype, "dtype": dtype,
+        "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling, "rope_parameters": rope,
+        "attention_dropout": 0.0, "tie_word_embeddings": cfg.tie_word_embeddings,
+        **tokens, "use_cache": True, "initializer_range": 0.02, "torch_dtype": dtype, "dtype": dtype,
     }
     if arch == "llama":
-        d.update(mlp_bias=False, pretraining_tp=1)
-    else:
+        d.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    elif arch == "mistral":
+        d.update(sliding_window=None)
+    else:   # qwen2 (q/k/v biases built in) and qwen3 (attention_bias off)
         d.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.num_hidden_layers,
                  layer_types=["full_attention"] * cfg.num_hidden_layers)
+        if arch == "qwen3":
+            d.update(attention_bias=False)
     return d
+
+
+def rope_scaling_from_hf(d: dict, where) -> dict | None:
+    """TinyMind's rope_scaling for a config.json: None for plain RoPE, Llama 3's as a dict; refused: the rest."""
+    # transformers 5 writes rope_parameters, transformers 4 rope_scaling; a file may hold both: read each
+    scalings = [r for r in (d.get("rope_parameters"), d.get("rope_scaling"))
+                if isinstance(r, dict) and r.get("rope_type", r.get("type", "default")) != "default"]
+    if not scalings:
+        return None
+    rope = scalings[0]
+    kind = rope.get("rope_type", rope.get("type"))
+    if kind != "llama3":
+        raise TinyMindError(f"{where}: rope scaling {kind!r} is not supported (TinyMind computes plain RoPE and "
+                            "Llama 3's 'llama3' scaling)")
+    scaling = {"rope_type": "llama3", **{k: rope.get(k) for k in ROPE_SCALING_KEYS}}
+    if any({k: r.get(k) for k in ROPE_SCALING_KEYS} != {k: scaling[k] for k in ROPE_SCALING_KEYS} for r in scalings):
+        raise TinyMindError(f"{where}: rope_parameters and rope_scaling disagree ({scalings})")
+    try:
+        check_rope_scaling(scaling)
+    except TinyMindError as e:
+        raise TinyMindError(f"{where}: {e}") from None
+    return scaling
 
 
 def config_from_hf(d: dict, where) -> TinyMindConfig:
@@ -110,27 +175,26 @@ def config_from_hf(d: dict, where) -> TinyMindConfig:
     arch = d.get("model_type")
     names = d.get("architectures") or [ARCHS.get(arch, "")]
     if arch not in ARCHS or names[0] != ARCHS[arch]:
-        raise TinyMindError(f"{where}: architecture {names[0] or arch!r} (model_type {arch!r}) is not supported; "
-                            f"TinyMind reads {' and '.join(ARCHS.values())}")
-    refuse = {"attention_bias": True, "mlp_bias": True, "use_sliding_window": True}
-    for key, bad in refuse.items():
-        if d.get(key) == bad:
-            raise TinyMindError(f"{where}: {key}={bad} is not supported (TinyMind's layers have no biases and "
-                                "attend to the whole context)")
+        lacks = f" (TinyMind lacks {LACKS[arch]})" if arch in LACKS else ""
+        raise TinyMindError(f"{where}: architecture {names[0] or arch!r} (model_type {arch!r}) is not "
+                            f"supported{lacks}; TinyMind reads {', '.join(ARCHS.values())}")
+    if d.get("attention_bias") and arch != "qwen2":
+        raise TinyMindError(f"{where}: attention_bias=True is not supported (a bias on o_proj, which "
+                            "TinyMind's attention lacks)")
+    if d.get("mlp_bias"):
+        raise TinyMindError(f"{where}: mlp_bias=True is not supported (TinyMind's MLP has no biases)")
+    window = d.get("sliding_window") if arch == "mistral" else d.get("use_sliding_window") and d.get("sliding_window")
+    types = set(d.get("layer_types") or ["full_attention"])
+    if window or types != {"full_attention"}:
+        raise TinyMindError(f"{where}: sliding window attention (sliding_window {d.get('sliding_window')}, "
+                            f"layer_types {sorted(types)}) is not supported (TinyMind attends to the whole context)")
     if d.get("hidden_act", "silu") != "silu":
         raise TinyMindError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (TinyMind uses silu)")
     if d.get("pretraining_tp", 1) not in (1, None):
         raise TinyMindError(f"{where}: pretraining_tp {d['pretraining_tp']} is not supported")
     rope = d.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if d.get("rope_scaling") or rope_type != "default":
-        what = d.get("rope_scaling") or rope
-        raise TinyMindError(f"{where}: rope scaling {what} is not supported (TinyMind uses plain RoPE)")
     try:
         hidden, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
-        if d.get("head_dim") not in (None, hidden // heads):
-            raise TinyMindError(f"{where}: head_dim {d['head_dim']} != hidden_size / num_attention_heads "
-                                f"= {hidden // heads} (TinyMind derives the head size)")
         return TinyMindConfig(
             vocab_size=int(d["vocab_size"]), hidden_size=hidden, num_hidden_layers=int(d["num_hidden_layers"]),
             num_attention_heads=heads, num_key_value_heads=int(d.get("num_key_value_heads") or heads),
@@ -138,11 +202,15 @@ def config_from_hf(d: dict, where) -> TinyMindConfig:
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
             rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), qk_norm=arch == "qwen3")
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), qk_norm=arch == "qwen3",
+            head_dim=int(d["head_dim"]) if d.get("head_dim") else None, qkv_bias=arch == "qwen2",
+            rope_scaling=rope_scaling_from_hf(d, where))
     except KeyError as e:
         raise TinyMindError(f"{where}: config lacks {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise TinyMindError(f"{where}: bad config value ({e})") from None
+    except TinyMindError as e:
+        raise TinyMindError(f"{where}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- weights
@@ -180,11 +248,22 @@ def tokenizer_config(max_len: int) -> dict:
     }
 
 
+def special_ids(tok) -> dict:
+    """bos/eos/pad ids for config.json: TinyMind's 1/2/0, or an imported tokenizer's own (eos: every
+    end-of-turn id, a list where there are several, as Llama 3's config.json has it)."""
+    if tok.chat is None:
+        return {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    stop = list(tok.stop_ids)
+    return {"bos_token_id": tok.bos_id, "eos_token_id": stop[0] if len(stop) == 1 else stop,
+            "pad_token_id": tok.pad_id if tok.pad_token is not None else None}
+
+
 def export_hf(state: dict, cfg: TinyMindConfig, out: Path, tokenizer_path: Path, arch: str,
               dtype: str = "float32") -> list[Path]:
-    """Write a transformers folder; weights first, config last (a folder with a config is complete)."""
-    config = hf_config(cfg, arch, dtype)
+    """Write a transformers folder; weights first, config last (a folder with a config is complete).
+    An imported model's tokenizer goes back with its own files (chat template, generation config)."""
     tok = load_tokenizer(tokenizer_path)   # checks the special ids before anything is written
+    config = hf_config(cfg, arch, dtype, special_ids(tok))
     if len(tok) > cfg.vocab_size:
         raise TinyMindError(f"{tokenizer_path} has {len(tok)} tokens, the model only {cfg.vocab_size}")
     weights = {k: v.to(DTYPES[dtype]) for k, v in state.items()
@@ -193,11 +272,19 @@ def export_hf(state: dict, cfg: TinyMindConfig, out: Path, tokenizer_path: Path,
     write_safetensors(weights, out / "model.safetensors")
     with atomic_write(out / "tokenizer.json") as tmp:
         shutil.copyfile(tok.path, tmp)
-    write_json(out / "tokenizer_config.json", tokenizer_config(cfg.max_position_embeddings))
-    write_json(out / "special_tokens_map.json", {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN,
-                                                 "pad_token": PAD_TOKEN})
-    write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-                                                "do_sample": True, "temperature": 0.7, "top_p": 0.9})
+    if tok.chat is not None:
+        for name, path in companion_files(tok.path).items():
+            if path.is_file():
+                with atomic_write(out / name) as tmp:
+                    shutil.copyfile(path, tmp)
+        if not companion_files(tok.path)["generation_config.json"].is_file():
+            write_json(out / "generation_config.json", {k: v for k, v in config.items() if k.endswith("_token_id")})
+    else:
+        write_json(out / "tokenizer_config.json", tokenizer_config(cfg.max_position_embeddings))
+        write_json(out / "special_tokens_map.json", {"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN,
+                                                     "pad_token": PAD_TOKEN})
+        write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                                                    "do_sample": True, "temperature": 0.7, "top_p": 0.9})
     write_json(out / "config.json", config)
     return sorted(out.iterdir())
 

@@ -3,12 +3,14 @@ format converters and the generation engine for users live in files beside this 
 
 What this file implements, top to bottom:
 - ``TinyMindConfig``: the architecture as a dataclass (every field has a documented default);
+  ``count_parameters``: a config's parameter count without building the model;
   ``PRESETS`` / ``get_config``: ``smoke`` (tests), ``tiny`` (CPU demo), ``small`` (= MiniMind2-Small,
   25.83M parameters), ``base`` (= MiniMind2, 104.03M), ``minimind3`` (minimind-3's shape, with q/k norms).
 - ``RMSNorm`` (computed in fp32), rotary position embeddings (RoPE, Llama's rotate-half convention,
-  cos/sin tables precomputed once), ``Attention`` with grouped-query attention (GQA) through
-  ``F.scaled_dot_product_attention`` or an equivalent hand-written path, the SwiGLU ``MLP``, the
-  pre-norm ``Block``, ``TinyMindModel`` (the stack, with a gradient-checkpointing switch) and
+  cos/sin tables precomputed once, Llama 3.x's frequency scaling as an option), ``Attention`` with
+  grouped-query attention (GQA) through ``F.scaled_dot_product_attention`` or an equivalent hand-written
+  path (options for released models: q/k norms, q/k/v biases, a head size apart from C / nh), the SwiGLU
+  ``MLP``, the pre-norm ``Block``, ``TinyMindModel`` (the stack, with a gradient-checkpointing switch) and
   ``TinyMindForCausalLM`` (+ tied LM head, loss; model/loss_fused.py computes the same training loss in
   fewer passes on a CPU, model/loss_chunked.py a large vocabulary's head a chunk of rows at a time).
 - ``KVCache``: keys/values preallocated once per ``generate`` call and written in place.
@@ -30,7 +32,7 @@ import hashlib
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
@@ -47,7 +49,7 @@ class TinyMindConfig:
     vocab_size: int = 6400                  # byte-level BPE vocabulary (pad 0, <|im_start|> 1, <|im_end|> 2)
     hidden_size: int = 512                  # C: width of the residual stream
     num_hidden_layers: int = 8              # number of transformer blocks
-    num_attention_heads: int = 8            # nh: query heads (head size hd = C // nh)
+    num_attention_heads: int = 8            # nh: query heads (head size hd = C // nh unless head_dim says)
     num_key_value_heads: int = 2            # nkv: key/value heads shared by nh // nkv query heads (GQA)
     intermediate_size: int | None = None    # SwiGLU width; None -> 64 * ceil(int(8C/3) / 64) as MiniMind2
     max_position_embeddings: int = 32768    # longest sequence (prompt + generated) the RoPE tables cover
@@ -57,20 +59,35 @@ class TinyMindConfig:
     tie_word_embeddings: bool = True        # lm_head shares the embedding matrix (saves V*C parameters)
     flash_attn: bool = True                 # True: F.scaled_dot_product_attention; False: the manual path
     qk_norm: bool = False                   # RMSNorm over each head's q and k before RoPE (minimind-3, Qwen3)
+    head_dim: int | None = None             # hd; None -> C // nh. Qwen3 decouples it: 16 heads x 128 != 1024
+    qkv_bias: bool = False                  # biases on the q/k/v projections (Qwen2/2.5); o_proj has none
+    rope_scaling: dict | None = None        # None: plain RoPE; Llama 3.x: {"rope_type": "llama3", "factor",
+    #                                         "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
 
     def __post_init__(self):
         if self.intermediate_size is None:
             self.intermediate_size = 64 * math.ceil(int(8 * self.hidden_size / 3) / 64)
-        if self.hidden_size % self.num_attention_heads or self.num_attention_heads % self.num_key_value_heads:
-            raise TinyMindError(f"hidden_size {self.hidden_size}, num_attention_heads {self.num_attention_heads} and "
-                                f"num_key_value_heads {self.num_key_value_heads} must divide each other")
-        if (self.hidden_size // self.num_attention_heads) % 2:
-            raise TinyMindError("head size (hidden_size // num_attention_heads) must be even for RoPE")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise TinyMindError(f"num_attention_heads {self.num_attention_heads} must be a multiple of "
+                                f"num_key_value_heads {self.num_key_value_heads}")
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise TinyMindError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                                    f"{self.num_attention_heads} (or give head_dim)")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.head_dim % 2:
+            raise TinyMindError(f"head size {self.head_dim} must be even for RoPE")
+        if self.rope_scaling is not None:
+            check_rope_scaling(self.rope_scaling)
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if not d["qk_norm"]:   # written only when on: files of models without it stay exactly as they were
-            del d["qk_norm"]
+        # the later options are written only when they differ from their default: files of models without
+        # them stay byte for byte what they were before the options existed
+        for key, default in (("qk_norm", False), ("head_dim", self.hidden_size // self.num_attention_heads),
+                             ("qkv_bias", False), ("rope_scaling", None)):
+            if d[key] == default:
+                del d[key]
         return d
 
     @classmethod
@@ -95,11 +112,38 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def count_parameters(cfg: TinyMindConfig) -> int:
+    """The number of parameters of a model of ``cfg``, from the config alone (nothing allocated): what
+    ``TinyMindForCausalLM(cfg).num_parameters()`` returns, also for configs too big for this machine."""
+    C, hd, L, V = cfg.hidden_size, cfg.head_dim, cfg.num_hidden_layers, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd   # widths of q and of k (= v)
+    attn = C * q + 2 * C * kv + q * C                     # q, k, v, o projections
+    attn += (q + 2 * kv) * cfg.qkv_bias + 2 * hd * cfg.qk_norm
+    mlp = 3 * C * cfg.intermediate_size                   # gate, up, down
+    block = attn + mlp + 2 * C                            # + the two RMSNorm weights
+    head = 0 if cfg.tie_word_embeddings else V * C
+    return V * C + L * block + C + head                   # embedding, blocks, final norm, LM head
+
+
 def get_config(preset: str = "tiny", **overrides) -> TinyMindConfig:
     """A preset's config with some fields replaced (``None`` overrides are ignored, e.g. unset CLI flags)."""
     if preset not in PRESETS:
         raise TinyMindError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     return TinyMindConfig.from_dict({**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def check_rope_scaling(scaling: dict):
+    """Only Llama 3's scaling ("llama3", with its four numbers) is computed here; anything else is refused."""
+    kind = scaling.get("rope_type") if isinstance(scaling, dict) else None
+    if kind != "llama3":
+        raise TinyMindError(f"rope_scaling {scaling!r}: only rope_type 'llama3' is supported")
+    missing = [k for k in ROPE_SCALING_KEYS if not isinstance(scaling.get(k), (int, float))]
+    if missing or scaling["low_freq_factor"] >= scaling["high_freq_factor"]:
+        raise TinyMindError(f"rope_scaling {scaling!r}: needs numbers {', '.join(ROPE_SCALING_KEYS)} "
+                            "with low_freq_factor < high_freq_factor")
 
 
 class RMSNorm(nn.Module):
@@ -118,9 +162,26 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
-def rope_tables(head_dim: int, max_pos: int, theta: float):
-    """cos/sin of shape (max_pos, hd); frequency i of the first half is repeated in the second (rotate-half)."""
+def llama3_frequencies(inv_freq, factor: float, low_freq_factor: float, high_freq_factor: float,
+                       original_max_position_embeddings: int, **_):
+    """Llama 3.x's longer context: frequencies whose wavelength exceeds the original context / low_freq_factor
+    turn ``factor`` times slower, those shorter than original / high_freq_factor stay, the band between
+    is interpolated smoothly. inv_freq: (hd/2,)."""
+    old = original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    slow = torch.where(wavelen > old / low_freq_factor, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)   # 0 .. 1 in the band
+    between = (1 - smooth) * slow / factor + smooth * slow
+    in_band = (wavelen >= old / high_freq_factor) & (wavelen <= old / low_freq_factor)
+    return torch.where(in_band, between, slow)
+
+
+def rope_tables(head_dim: int, max_pos: int, theta: float, scaling: dict | None = None):
+    """cos/sin of shape (max_pos, hd); frequency i of the first half is repeated in the second (rotate-half).
+    ``scaling``: the config's rope_scaling (Llama 3.x), or None for plain RoPE."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))  # (hd/2,)
+    if scaling is not None:
+        inv_freq = llama3_frequencies(inv_freq, **scaling)
     freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)                   # (P, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)                                                       # (P, hd)
     return emb.cos(), emb.sin()
@@ -160,10 +221,10 @@ class Attention(nn.Module):
     def __init__(self, cfg: TinyMindConfig):
         super().__init__()
         self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
+        self.head_dim = cfg.head_dim   # hd: C // nh unless the config decouples it (nh * hd != C in Qwen3)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
         self.dropout = cfg.dropout
         self.flash = cfg.flash_attn
@@ -209,7 +270,7 @@ class Attention(nn.Module):
                 att = att.masked_fill(~mask, float("-inf"))
             att = F.dropout(F.softmax(att.float(), dim=-1).to(q.dtype), p)
             y = att @ v                                                            # (B, nh, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)          # (B, T, C)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)          # (B, T, nh * hd)
         return F.dropout(self.o_proj(y), self.dropout, self.training)   # residual dropout
 
 
@@ -260,8 +321,7 @@ class TinyMindModel(nn.Module):
         self.dropout = cfg.dropout
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        cos, sin = rope_tables(cfg.hidden_size // cfg.num_attention_heads, cfg.max_position_embeddings,
-                               cfg.rope_theta)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
         # non-persistent: recomputed from the config, so they never enter the state dict
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -329,6 +389,8 @@ class TinyMindForCausalLM(nn.Module):
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:   # q/k/v biases (qkv_bias) start at 0
+            nn.init.zeros_(module.bias)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())   # parameters() yields a tied matrix once
@@ -362,13 +424,15 @@ class TinyMindForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def generate(self, input_ids, max_new_tokens: int = 256, temperature: float = 0.85, top_k: int | None = None,
-                 top_p: float | None = 0.85, repetition_penalty: float = 1.0, eos_token_id: int | None = 2,
+                 top_p: float | None = 0.85, repetition_penalty: float = 1.0,
+                 eos_token_id: int | Sequence[int] | None = 2,
                  attention_mask=None, streamer: Callable | None = None, use_cache: bool = True,
                  pad_token_id: int = 0, one_token_step: Callable | None = None):
         """Continue (B, T) prompts; returns (B, T + generated) with the prompts first.
 
         temperature <= 0 is greedy; top_k / top_p (None or 0 / 1.0 = off) filter before sampling.
-        Left-padded batches pass attention_mask (1 real, 0 pad). A row stops at eos_token_id and then
+        Left-padded batches pass attention_mask (1 real, 0 pad). A row stops at eos_token_id (one id, or
+        several: a model with more than one end-of-turn token, as Llama 3's <|eot_id|> and <|eom_id|>) and then
         emits pad_token_id; the loop ends when every row has stopped, after max_new_tokens, or when the
         sequence reaches max_position_embeddings. streamer(tokens (B,)) is called after each step.
         use_cache=False recomputes the whole sequence at each step (slow; the reference for tests).
@@ -397,19 +461,20 @@ class TinyMindForCausalLM(nn.Module):
         cache = KVCache(self.config.num_hidden_layers, T + max_new) if use_cache else None
         step_fn = one_token_step if use_cache and mask is None else None   # it knows no padding mask
         finished = torch.zeros(B, dtype=torch.bool, device=seq.device)
+        stop = None if eos_token_id is None else torch.tensor(eos_token_id, device=seq.device).reshape(-1)
         n = T                                                 # filled length of seq
         logits = self(seq[:, :T], attention_mask=None if mask is None else mask[:, :T],
                       kv_cache=cache, logits_to_keep=1).logits[:, -1]              # (B, V)
         for step in range(max_new):
             nxt = self._next_token(logits, seq[:, :n], temperature, top_k, top_p, repetition_penalty)  # (B,)
-            if eos_token_id is not None:
+            if stop is not None:
                 nxt = nxt.masked_fill(finished, pad_token_id)
-                finished |= nxt == eos_token_id
+                finished |= torch.isin(nxt, stop)
             seq[:, n] = nxt
             n += 1
             if streamer is not None:
                 streamer(nxt)
-            if step == max_new - 1 or (eos_token_id is not None and bool(finished.all())):
+            if step == max_new - 1 or (stop is not None and bool(finished.all())):
                 break
             m = None if mask is None else mask[:, :n]
             if step_fn is not None:

@@ -2,11 +2,13 @@
 
 One command per direction (--to for exports, --from for imports):
 
-    # TinyMind -> transformers folder (LlamaForCausalLM; Qwen3ForCausalLM for a model with q/k norms)
+    # TinyMind -> transformers folder (LlamaForCausalLM; Qwen3ForCausalLM for a model with q/k norms; an
+    # imported model goes back to its own family: Llama, Qwen2, Qwen3 or Mistral)
     python scripts/convert_model.py --weight full_sft --to hf --out out/hf/full_sft
     # TinyMind LoRA -> PEFT adapter folder (load it with PeftModel.from_pretrained(hf_model, folder))
     python scripts/convert_model.py --weight full_sft --lora_weight lora_identity --to peft --out out/hf/lora_identity
-    # transformers folder -> out/from_hf_{hidden}.pth
+    # transformers folder (Llama incl. 3.x, SmolLM2, Qwen2/2.5, Qwen3, Mistral) -> out/from_hf_{hidden}.pth,
+    # with its tokenizer and chat template kept as out/from_hf_tokenizer*.json (--info: its shape and size only)
     python scripts/convert_model.py --from hf --in out/hf/full_sft --weight from_hf
     # PEFT adapter for that model -> out/lora_from_peft_{hidden}.pth
     python scripts/convert_model.py --from peft --in out/hf/lora_identity --weight from_hf --lora_name lora_from_peft
@@ -29,12 +31,14 @@ import shutil
 
 import torch
 
+from model.chat_template import companion_files
 from model.common import TinyMindError, atomic_write, find_checkpoint, repo_path, run_main, safe_load
 from model.engine import load_adapters, load_base
-from model.hf_format import (DTYPES, compact_targets, config_from_hf, export_hf, export_peft, peft_variant, read_hf,
-                             read_json, read_peft)
+from model.hf_format import (ARCHS, DTYPES, compact_targets, config_from_hf, export_hf, export_peft, hf_arch,
+                             peft_variant, read_hf, read_json, read_peft)
 from model.minimind_format import describe, minimind_lora, minimind_state, read_minimind
-from model.model import PRESETS, TinyMindConfig, TinyMindForCausalLM, get_config, load_model, save_model
+from model.model import (PRESETS, TinyMindConfig, TinyMindForCausalLM, count_parameters, get_config, load_model,
+                         save_model)
 from model.lora_file import LORA_FORMAT
 from model.model_lora import LoRAConfig, apply_lora, base_state_dict, load_lora, merge_lora, save_lora
 from model.tokenizer import DEFAULT_TOKENIZER_PATH, load_tokenizer
@@ -62,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora_name", default=None, help="LoRA imports: writes {save_dir}/{lora_name}_{hidden}.pth")
     p.add_argument("--in", dest="in_path", default=None, help="imports: the folder (hf, peft) or .pth file (minimind)")
     p.add_argument("--out", default=None, help="exports: the folder to write (default {save_dir}/hf/{name})")
-    p.add_argument("--arch", default="auto", choices=["auto", "llama", "qwen3"],
-                   help="--to hf: LlamaForCausalLM or Qwen3ForCausalLM (auto: qwen3 exactly when qk_norm is on)")
+    p.add_argument("--arch", default="auto", choices=["auto", *ARCHS],
+                   help="--to hf: the transformers family (auto: the one the model was imported from, else "
+                        "qwen3 for q/k norms, qwen2 for q/k/v biases, llama otherwise)")
+    p.add_argument("--info", action="store_true",
+                   help="--from hf: read only config.json and print what TinyMind makes of it (family, shape, "
+                        "parameter count, fp32 size); writes nothing")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="--to hf/peft: dtype of the exported tensors (float32 keeps them bit-exact)")
     p.add_argument("--tokenizer_path", default=None,
@@ -112,19 +120,29 @@ def new_file(args, name: str, hidden: int, what: str) -> Path:
 
 
 def keep_tokenizer(tok_path: Path | None, cfg: TinyMindConfig, save_dir: Path, weight: str) -> str:
-    """Check the tokenizer that comes with imported weights; one that differs from TinyMind's own is copied
-    to {save_dir}/{weight}_tokenizer.json. Returns the --tokenizer_path flag eval_llm.py needs (or "")."""
+    """Check the tokenizer that comes with imported weights; one that differs from TinyMind's own (its
+    vocabulary or its chat template) is copied to {save_dir}/{weight}_tokenizer.json, with the files
+    beside it that hold its chat template and end-of-turn ids ({weight}_tokenizer_config.json, ...).
+    Returns the --tokenizer_path flag eval_llm.py needs (or "")."""
     if tok_path is None:
         return ""
     tok = load_tokenizer(tok_path)
     if len(tok) > cfg.vocab_size:
         raise TinyMindError(f"{tok_path} has {len(tok)} tokens, the model only {cfg.vocab_size}")
-    if tok.fingerprint == load_tokenizer().fingerprint:
+    if tok.chat is None and tok.fingerprint == load_tokenizer().fingerprint:
         return ""
     dest = save_dir / f"{weight}_tokenizer.json"
-    with atomic_write(dest) as tmp:
-        shutil.copyfile(tok_path, tmp)
-    print(f"[convert] its tokenizer differs from {DEFAULT_TOKENIZER_PATH}: kept as {dest}")
+    sources = {dest: tok_path}
+    if tok.chat is not None:
+        sources.update({companion_files(dest)[name]: path for name, path in companion_files(tok_path).items()})
+    for target, source in sources.items():
+        if source.is_file():
+            with atomic_write(target) as tmp:
+                shutil.copyfile(source, tmp)
+        elif target.is_file():   # left by an earlier import under this name: not this model's
+            target.unlink()
+    chat = "its own chat template" if tok.chat is not None else "ChatML"
+    print(f"[convert] its tokenizer differs from {DEFAULT_TOKENIZER_PATH}: kept as {dest} ({chat})")
     return f" --tokenizer_path {dest}"
 
 
@@ -159,15 +177,16 @@ def import_lora(args, fields: dict, adapter: dict[str, torch.Tensor], source: st
     return out
 
 
-def write_model(args, cfg: TinyMindConfig, state: dict, source: str, tok_path: Path | None) -> Path:
+def write_model(args, cfg: TinyMindConfig, state: dict, source: str, tok_path: Path | None, **extra) -> Path:
     model = TinyMindForCausalLM(cfg)
     model.load_state_dict(state, strict=True)
     stage = args.stage or ("pretrain" if Path(source).name.startswith("pretrain") else "sft")
     out = new_file(args, args.weight, cfg.hidden_size, "--weight")
     flag = keep_tokenizer(tok_path, cfg, repo_path(args.save_dir), args.weight)
-    save_model(model, out, stage=stage, weight=args.weight, source=str(source))
-    print(f"[convert] wrote {out} (stage {stage}, {model.num_parameters() / 1e6:.2f}M params, "
-          f"qk_norm {cfg.qk_norm}); chat: python eval_llm.py --weight {args.weight}{flag}")
+    save_model(model, out, stage=stage, weight=args.weight, source=str(source), **extra)
+    options = [f"{k} {v}" for k, v in cfg.to_dict().items() if k in ("qk_norm", "head_dim", "qkv_bias", "rope_scaling")]
+    print(f"[convert] wrote {out} (stage {stage}, {model.num_parameters() / 1e6:.2f}M params"
+          f"{''.join(', ' + o for o in options)}); chat: python eval_llm.py --weight {args.weight}{flag}")
     return out
 
 
@@ -186,11 +205,11 @@ def minimind_config(args, state: dict, where) -> TinyMindConfig:
 # ----------------------------------------------------------------------------- the directions
 
 def to_hf(args) -> list[Path]:
-    model, _, _ = load_base(args.save_dir, args.weight, args.hidden_size)
+    model, ckpt, _ = load_base(args.save_dir, args.weight, args.hidden_size)
     names = lora_names(args.lora_weight)
     load_adapters(model, args.save_dir, names)   # merged in fp32 before any cast, as scripts/merge_lora.py does
     merge_lora(model)
-    arch = args.arch if args.arch != "auto" else ("qwen3" if model.config.qk_norm else "llama")
+    arch = args.arch if args.arch != "auto" else hf_arch(model.config, ckpt.get("hf_model_type"))
     out = out_folder(args, "_".join([args.weight] + names))
     kept = repo_path(args.save_dir) / f"{args.weight}_tokenizer.json"   # what an import kept beside the weights
     tok = repo_path(args.tokenizer_path) if args.tokenizer_path else kept if kept.is_file() else \
@@ -221,14 +240,31 @@ def to_peft(args) -> list[Path]:
     return files
 
 
-def from_hf(args) -> Path:
+def hf_info(folder: Path) -> TinyMindConfig:
+    """--info: what TinyMind makes of a transformers config.json, without reading (or having) the weights."""
+    d = read_json(folder / "config.json", "config.json")
+    cfg = config_from_hf(d, folder / "config.json")
+    n = count_parameters(cfg)
+    extras = [name for name, on in (("q/k norms", cfg.qk_norm), ("q/k/v biases", cfg.qkv_bias),
+                                    ("llama3 rope scaling", cfg.rope_scaling), ("tied embeddings",
+                                                                                cfg.tie_word_embeddings)) if on]
+    print(f"[convert] {folder}: {ARCHS[d['model_type']]}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} "
+          f"layers, {cfg.num_attention_heads} heads x {cfg.head_dim} ({cfg.num_key_value_heads} kv), MLP "
+          f"{cfg.intermediate_size}, vocab {cfg.vocab_size}{', ' if extras else ''}{', '.join(extras)}")
+    print(f"[convert] {n:,} parameters ({n / 1e6:.2f}M), {n * 4 / 2**30:.2f} GiB in fp32")
+    return cfg
+
+
+def from_hf(args) -> Path | TinyMindConfig:
     folder = repo_path(args.in_path)
-    if (folder / "config.json").is_file():   # an existing output is refused before the weights are read
-        hidden = config_from_hf(read_json(folder / "config.json", "config.json"), folder).hidden_size
-        new_file(args, args.weight, hidden, "--weight")
+    if args.info:
+        return hf_info(folder)
+    d = read_json(folder / "config.json", "config.json") if (folder / "config.json").is_file() else {}
+    if d:   # an existing output is refused before the weights are read
+        new_file(args, args.weight, config_from_hf(d, folder).hidden_size, "--weight")
     cfg, state = read_hf(folder)
     tok = repo_path(args.tokenizer_path) if args.tokenizer_path else folder / "tokenizer.json"
-    return write_model(args, cfg, state, str(folder), tok if tok.is_file() else None)
+    return write_model(args, cfg, state, str(folder), tok if tok.is_file() else None, hf_model_type=d["model_type"])
 
 
 def from_peft(args) -> Path:
@@ -260,6 +296,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.src and not args.in_path:
         raise TinyMindError(f"--from {args.src} needs --in (the folder or file to import)")
+    if args.info and args.src != "hf":
+        raise TinyMindError("--info goes with --from hf --in FOLDER (it reads that folder's config.json)")
     if args.to:
         return {"hf": to_hf, "peft": to_peft}[args.to](args)
     return {"hf": from_hf, "peft": from_peft, "minimind": from_minimind}[args.src](args)

@@ -312,7 +312,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def result(self, new_ids: list, n_prompt: int) -> tuple:
         """finish_reason and usage of a finished reply."""
-        finish = "stop" if new_ids and new_ids[-1] == self.server.lm.tok.eos_id else "length"
+        finish = "stop" if new_ids and new_ids[-1] in self.server.lm.tok.stop_ids else "length"
         usage = {"prompt_tokens": n_prompt, "completion_tokens": len(new_ids),
                  "total_tokens": n_prompt + len(new_ids)}
         return finish, usage

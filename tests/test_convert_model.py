@@ -244,8 +244,8 @@ def test_refusals_of_transformers_folders(out, tmp_path, capsys):
     cmd = ["--from", "hf", "--in", hf, "--weight", "x", "--save_dir", out]
     for change, match in (({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "GPT2LMHeadModel"),
                           ({"attention_bias": True}, "attention_bias"),
-                          ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling"),
-                          ({"head_dim": 32}, "head_dim")):
+                          ({"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}, "rope scaling 'yarn'"),
+                          ({"head_dim": 32}, "q_proj.weight has shape (64, 64), expected (128, 64)")):
         (hf / "config.json").write_text(json.dumps({**good, **change}))
         refused(capsys, cmd, match)
     (hf / "config.json").write_text(json.dumps(good))

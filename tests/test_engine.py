@@ -118,6 +118,7 @@ def test_engine_generate_equals_plain_generate_when_sampling():
 class FakeTok:
     """Token ids are characters' code points; ChatML as in model/tokenizer.py."""
     pad_id, bos_id, eos_id = 0, 1, 2
+    stop_ids = (2,)   # the end-of-turn ids a reply stops at
 
     def apply_chat_template(self, messages, add_generation_prompt=False):
         text = "".join(f"<{m['role']}>{m['content']}|" for m in messages)

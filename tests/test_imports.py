@@ -27,6 +27,7 @@ LAYERS = [
     ("model/model.py", 1),
     ("model/loss_fused.py", 1),
     ("model/loss_chunked.py", 1),
+    ("model/chat_template.py", 1),
     ("model/tokenizer.py", 1),
     ("model/model_lora.py", 2),
     ("model/lora_*.py", 2),
