@@ -375,6 +375,30 @@ def chat_segments(turns: list[dict]) -> list[tuple[str, bool]]:
     return segs
 
 
+# A conversation with a system turn, rendered by an imported model's own template, must equal the ChatML
+# that ``chat_segments`` writes: otherwise an adapter would be trained on one format and chat in another.
+PROBE_TURNS = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
+               {"role": "assistant", "content": "A"}]
+
+
+def check_chatml(tokenizer: TinyMindTokenizer) -> None:
+    """Refuse an imported model's tokenizer whose chat template is not ChatML (Llama 3's, Mistral's, ...):
+    SFT and LoRA data are rendered as ChatML here. ChatML models (SmolLM2, Qwen) pass; TinyMind's own
+    tokenizer renders ChatML by definition."""
+    if getattr(tokenizer, "chat", None) is None:
+        return
+    try:
+        own = tokenizer.apply_chat_template(PROBE_TURNS)
+    except TinyMindError as e:   # e.g. a template that refuses a system turn
+        own = f"(refused: {e})"
+    chatml = "".join(text for text, _ in chat_segments(PROBE_TURNS))
+    if own != chatml:
+        where = getattr(tokenizer, "path", None) or "the tokenizer"
+        raise TinyMindError(f"{where}: the model's own chat template is not ChatML (it renders "
+                            f"{own[:60]!r}...), and SFT / LoRA training writes conversations as ChatML "
+                            "(dataset/lm_dataset.py::chat_segments): train on a ChatML model (SmolLM2, Qwen)")
+
+
 class SFTDataset(Dataset):
     """Chat conversations with an assistant-only loss mask.
 
@@ -388,6 +412,7 @@ class SFTDataset(Dataset):
     def __init__(self, path, tokenizer: TinyMindTokenizer, max_seq_len: int = 512, skip_bad_lines: bool = False):
         if max_seq_len < 2:
             raise TinyMindError(f"max_seq_len must be at least 2, got {max_seq_len}")
+        check_chatml(tokenizer)
         reader = JsonlReader(path, parse_conversation, skip_bad_lines)
         self.path, self.max_seq_len = reader.path, max_seq_len
         progress = Progress("sft", reader)

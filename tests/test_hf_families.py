@@ -441,3 +441,26 @@ def test_mistral_with_a_sliding_window_is_refused(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(d))
     main(["--from", "hf", "--in", str(tmp_path), "--info"])
     assert "MistralForCausalLM" in capsys.readouterr().out
+
+
+def test_sft_data_needs_a_chatml_template(tmp_path):
+    """SFT / LoRA data are written as ChatML: an imported tokenizer whose own template is ChatML (SmolLM2,
+    Qwen) trains; one with another template (here Mistral's) is refused by name before any data is read."""
+    from dataset.lm_dataset import SFTDataset
+    from model.tokenizer import CHAT_TEMPLATE_JINJA
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"conversations": [{"role": "user", "content": "hi"},
+                                                  {"role": "assistant", "content": "hello"}]}) + "\n")
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    family_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], []).save(str(folder / "tokenizer.json"))
+    for template, ok in ((CHAT_TEMPLATE_JINJA, True), (FAMILIES["mistral"]["template"], False)):
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {"chat_template": template, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
+        tok = load_tokenizer(folder / "tokenizer.json")
+        if ok:
+            assert len(SFTDataset(data, tok, max_seq_len=64)) == 1
+        else:
+            with pytest.raises(TinyMindError, match="not ChatML"):
+                SFTDataset(data, tok, max_seq_len=64)
