@@ -452,14 +452,16 @@ def bench_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
     return [(h, rows) for h, rows in markdown_tables(text) if h[0] == "measurement" and "status" in h]
 
 
-@pytest.mark.parametrize("doc", ["README.md", "README_zh.md", "docs/04-lora.md", "docs/05-inference-and-chat.md",
-                                 "docs/06-evaluation.md"])
-def test_printed_bench_tables_equal_the_committed_bench_json(doc):
-    """Every performance table is rows of docs/results/bench.json as ``dev/bench.py --render`` prints
-    them (a doc may quote some of the rows), and the doc quotes that run's machine, command and date."""
+@pytest.mark.parametrize("doc, result", [(d, "bench.json") for d in (
+    "README.md", "README_zh.md", "docs/04-lora.md", "docs/05-inference-and-chat.md", "docs/06-evaluation.md")]
+    + [("docs/08-lora-on-real-models.md", "bench_lora_135m.json")])
+def test_printed_bench_tables_equal_the_committed_bench_json(doc, result):
+    """Every performance table is rows of its committed bench run (docs/results/bench.json, or chapter 08's
+    bench_lora_135m.json) as ``dev/bench.py --render`` prints them (a doc may quote some of the rows), and
+    the doc quotes that run's machine, command and date."""
     from conftest import dev_script
 
-    rendered = dev_script("bench").render_file(RESULTS / "bench.json")
+    rendered = dev_script("bench").render_file(RESULTS / result)
     (header, rows), = bench_tables(rendered)
     meta = rendered.strip().splitlines()[-1]
     text = (ROOT / doc).read_text(encoding="utf-8")
@@ -469,6 +471,6 @@ def test_printed_bench_tables_equal_the_committed_bench_json(doc):
     for shown_header, shown_rows in printed:
         assert shown_header == header, f"{doc}: bench table header {shown_header} is not {header}"
         stale = [r for r in shown_rows if r not in rows]
-        assert not stale, f"{doc}: rows not in docs/results/bench.json (python dev/bench.py --render " \
-                          f"docs/results/bench.json prints the current ones): {stale}"
+        assert not stale, f"{doc}: rows not in docs/results/{result} (python dev/bench.py --render " \
+                          f"docs/results/{result} prints the current ones): {stale}"
 
