@@ -46,7 +46,8 @@ class TableModel(torch.nn.Module):
         for row, mask in zip(ids.tolist(), attention_mask.tolist()):
             prompt = self.tok.decode([t for t, m in zip(row, mask) if m], skip_special_tokens=False)
             question = prompt.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
-            rows.append(row + self.tok.encode(self.replies[question]) + [eos_token_id])
+            eos = eos_token_id[0] if isinstance(eos_token_id, (list, tuple)) else eos_token_id   # end-of-turn ids
+            rows.append(row + self.tok.encode(self.replies[question]) + [eos])
         width = max(map(len, rows))
         return torch.tensor([r + [0] * (width - len(r)) for r in rows])
 
