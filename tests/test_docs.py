@@ -224,22 +224,28 @@ def test_local_links_and_images_exist():
     assert not problems, "broken links:\n  " + "\n  ".join(problems)
 
 
+def stale_blocks(source: str, blocks: dict[str, str], origin: str) -> tuple[set, list[str]]:
+    """The names of ``source``'s generated blocks found in the docs, and those whose body is not ``blocks``'."""
+    from tools.doc_blocks import find_blocks
+
+    found, problems = set(), []
+    for doc in doc_files():
+        for name, body in find_blocks(doc.read_text(encoding="utf-8"), source, rel(doc)):
+            found.add(name)
+            if name not in blocks:
+                problems.append(f"{rel(doc)}: unknown block {source}:{name} (known: {sorted(blocks)})")
+            elif body.strip() != blocks[name].strip():
+                problems.append(f"{rel(doc)}: block {source}:{name} differs from {origin}; "
+                                f"run `python dev/doc_numbers.py --update`")
+    return found, problems
+
+
 def test_doc_number_tables_match_the_code():
     """Tables of parameter counts in the docs are exactly what dev/doc_numbers.py computes."""
     from conftest import dev_script
-    from tools.doc_blocks import find_blocks
 
     doc_numbers = dev_script("doc_numbers")
-    blocks = doc_numbers.render_blocks()
-    found, problems = set(), []
-    for doc in doc_files():
-        for name, body in find_blocks(doc.read_text(encoding="utf-8"), doc_numbers.SOURCE, rel(doc)):
-            found.add(name)
-            if name not in blocks:
-                problems.append(f"{rel(doc)}: unknown block doc_numbers:{name} (known: {sorted(blocks)})")
-            elif body.strip() != blocks[name].strip():
-                problems.append(f"{rel(doc)}: block doc_numbers:{name} differs from the code; "
-                                f"run `python dev/doc_numbers.py --update`")
+    found, problems = stale_blocks(doc_numbers.SOURCE, doc_numbers.render_blocks(), "the code")
     assert found, "no <!-- doc_numbers:... --> blocks in the docs"
     assert not problems, "\n  ".join(problems)
 
@@ -247,17 +253,10 @@ def test_doc_number_tables_match_the_code():
 def test_spread_tables_match_the_committed_report():
     """The README's three-seed tables are exactly what the committed spread report renders."""
     from conftest import dev_script
-    from tools.doc_blocks import find_blocks
 
     doc_numbers = dev_script("doc_numbers")
     blocks = doc_numbers.spread_blocks()
-    found, problems = set(), []
-    for doc in doc_files():
-        for name, body in find_blocks(doc.read_text(encoding="utf-8"), doc_numbers.SPREAD_SOURCE, rel(doc)):
-            found.add(name)
-            if body.strip() != blocks.get(name, "").strip():
-                problems.append(f"{rel(doc)}: block spread:{name} differs from docs/results/spread_report.json; "
-                                f"run `python dev/doc_numbers.py --update`")
+    found, problems = stale_blocks(doc_numbers.SPREAD_SOURCE, blocks, "docs/results/spread_report.json")
     assert found == set(blocks), f"README blocks {sorted(found)}, report tables {sorted(blocks)}"
     assert not problems, "\n  ".join(problems)
 
