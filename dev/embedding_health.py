@@ -26,9 +26,10 @@ import torch
 
 from dataset.demo import world_chat as C
 from dataset.demo import world_medical as M
-from model.common import find_checkpoint, run_main
-from model.model import load_model
+from model.common import run_main
+from model.engine import load_base
 from model.tokenizer import load_tokenizer
+from tools.cli import add_model_flags
 
 COLLAPSED = 0.95
 
@@ -65,13 +66,9 @@ def health_table(model, tokenizer, groups: dict[str, list[str]]) -> list[dict]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Measure how distinct the embeddings of the LoRA words are.")
-    p.add_argument("--weight", default="full_sft", help="checkpoint name: reads {save_dir}/{weight}_{hidden}.pth")
-    p.add_argument("--save_dir", default="out", help="folder with the checkpoints")
-    p.add_argument("--hidden_size", type=int, default=None, help="picks the file name; default: the only one present")
-    p.add_argument("--tokenizer_path", default="model/tokenizer.json", help="tokenizer file")
+    add_model_flags(p, "weight", "save_dir", "hidden_size", "tokenizer_path", defaults={"weight": "full_sft"})
     args = p.parse_args(argv)
-    path = find_checkpoint(args.save_dir, args.weight, args.hidden_size)
-    model, _ = load_model(path)
+    model, _, path = load_base(args.save_dir, args.weight, args.hidden_size)
     rows = health_table(model, load_tokenizer(args.tokenizer_path), word_groups())
     print(f"{path.name}: largest cosine similarity of each token's embedding to any other token's")
     print("| group | words | tokens | median | collapsed (> 0.95) |")

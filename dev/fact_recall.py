@@ -27,9 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch
 
 from dataset.demo.world import build_world
-from model.common import find_checkpoint, run_main
-from model.model import load_model
+from model.common import run_main
+from model.engine import load_base
 from model.tokenizer import load_tokenizer
+from tools.cli import add_model_flags
 
 DATA_SEED = 42   # dataset/demo/make_demo_data.py's default: the world of the shipped files
 
@@ -84,14 +85,9 @@ def recall_table(model, tok, facts) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description="Measure which facts of the demo world a checkpoint completes "
                                             "as plain text (teacher forcing, no chat template).")
-    p.add_argument("--weight", default="pretrain", help="checkpoint name: reads {save_dir}/{weight}_{hidden}.pth")
-    p.add_argument("--save_dir", default="out", help="folder with the checkpoints")
-    p.add_argument("--hidden_size", type=int, default=None, help="picks the file name; default: the only one present")
-    p.add_argument("--tokenizer_path", default="model/tokenizer.json", help="tokenizer file")
+    add_model_flags(p, "weight", "save_dir", "hidden_size", "tokenizer_path", defaults={"weight": "pretrain"})
     args = p.parse_args(argv)
-    path = find_checkpoint(args.save_dir, args.weight, args.hidden_size)
-    model, _ = load_model(path)
-    model.eval()
+    model, _, path = load_base(args.save_dir, args.weight, args.hidden_size)
     facts = [f for f in build_world(DATA_SEED).facts if f.category == "person"]
     table = recall_table(model, load_tokenizer(args.tokenizer_path), facts)
     print(f"{path.name}: person facts whose value the model predicts after a pretraining phrasing")
