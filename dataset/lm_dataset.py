@@ -10,8 +10,9 @@ Implements:
   ``max_seq_len`` windows -- no padding at all. The token stream is tokenized once into a flat uint16
   cache file (read back with ``np.memmap``), reused until the data file or the tokenizer changes.
 - ``SFTDataset``: ``{"conversations": [{"role", "content"}, ...]}`` lines, rendered with the ChatML
-  template; only the assistant's tokens (its content and the ``<|im_end|>`` that ends it) carry labels,
-  everything else is -100 so the loss ignores it.
+  template (an imported model's tokenizer: its own template, ``own_template_segments``); only the
+  assistant's tokens (its content and the ``<|im_end|>`` or other end-of-turn token that ends it) carry
+  labels, everything else is -100 so the loss ignores it.
 - ``collate_batch``: pads a list of (input_ids, labels) to the longest item and builds the attention mask.
 
 Run it to inspect a data file (and to build the pretrain cache before a multi-GPU run)::
@@ -375,35 +376,59 @@ def chat_segments(turns: list[dict]) -> list[tuple[str, bool]]:
     return segs
 
 
-# A conversation with a system turn, rendered by an imported model's own template, must equal the ChatML
-# that ``chat_segments`` writes: otherwise an adapter would be trained on one format and chat in another.
-PROBE_TURNS = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
-               {"role": "assistant", "content": "A"}]
+def own_template_segments(tokenizer: TinyMindTokenizer, turns: list[dict]) -> list[tuple[str, bool]]:
+    """``chat_segments`` for an imported model's own chat template (Llama 3's, Mistral's, Qwen3's, ...).
+
+    The conversation is rendered once by the model's template; each assistant reply is found in that text
+    (after the user turns before it, in order; templates may trim the content, as Llama 3's does), and the
+    target runs from the reply's first character through the end-of-turn token that follows it (one of the
+    tokenizer's ``stop_ids`` or its eos token: ``<|eot_id|>``, ``</s>``, ``<|im_end|>``), so the model learns
+    to stop where generation stops. Everything else, the template's headers and default system lines
+    included, is context. A reply the rendered text does not contain is refused by name.
+    """
+    text = tokenizer.apply_chat_template(turns)
+    stops = [t for t in {tokenizer.id_to_token(i) for i in (*tokenizer.stop_ids, tokenizer.eos_id)} if t]
+    segs, done, cursor = [], 0, 0
+    for i, t in enumerate(turns):
+        content = t["content"].strip()
+        if t["role"] == "system" or not content:   # templates move system lines about (Mistral: to the last turn)
+            continue
+        at = text.find(t["content"], cursor)   # as given (ChatML keeps it verbatim), else as trimmed
+        if at >= 0:
+            content = t["content"]
+        else:
+            at = text.find(content, cursor)
+        if at < 0:
+            raise TinyMindError(f"turn {i} ({t['role']}): the model's chat template does not write it as "
+                                f"given ({content[:40]!r}...), so its tokens cannot be marked for the loss")
+        cursor = at + len(content)
+        if t["role"] != "assistant":
+            continue
+        ends = [e for e in (text.find(s, cursor) for s in stops) if e >= 0]
+        if ends:   # through the end-of-turn token right after the reply (whitespace between is allowed)
+            e = min(ends)
+            stop = next(s for s in stops if text.startswith(s, e))
+            if not text[cursor:e].strip():
+                cursor = e + len(stop)
+        segs += [(text[done:at], False), (text[at:cursor], True)]
+        done = cursor
+    segs.append((text[done:], False))
+    return [(s, target) for s, target in segs if s]
 
 
-def check_chatml(tokenizer: TinyMindTokenizer) -> None:
-    """Refuse an imported model's tokenizer whose chat template is not ChatML (Llama 3's, Mistral's, ...):
-    SFT and LoRA data are rendered as ChatML here. ChatML models (SmolLM2, Qwen) pass; TinyMind's own
-    tokenizer renders ChatML by definition."""
+def conversation_segments(tokenizer: TinyMindTokenizer, turns: list[dict]) -> list[tuple[str, bool]]:
+    """``(text, is_target)`` pieces of one conversation: ChatML for TinyMind's tokenizer
+    (``chat_segments``), the model's own template for an imported one (``own_template_segments``)."""
     if getattr(tokenizer, "chat", None) is None:
-        return
-    try:
-        own = tokenizer.apply_chat_template(PROBE_TURNS)
-    except TinyMindError as e:   # e.g. a template that refuses a system turn
-        own = f"(refused: {e})"
-    chatml = "".join(text for text, _ in chat_segments(PROBE_TURNS))
-    if own != chatml:
-        where = getattr(tokenizer, "path", None) or "the tokenizer"
-        raise TinyMindError(f"{where}: the model's own chat template is not ChatML (it renders "
-                            f"{own[:60]!r}...), and SFT / LoRA training writes conversations as ChatML "
-                            "(dataset/lm_dataset.py::chat_segments): train on a ChatML model (SmolLM2, Qwen)")
+        return chat_segments(turns)
+    return own_template_segments(tokenizer, turns)
 
 
 class SFTDataset(Dataset):
     """Chat conversations with an assistant-only loss mask.
 
     Item ``i`` is ``(input_ids, labels)``, LongTensors of the same variable length t <= max_seq_len:
-    ``labels`` equals ``input_ids`` on assistant tokens (content + ``<|im_end|>``) and -100 everywhere else.
+    ``labels`` equals ``input_ids`` on assistant tokens (content + end of turn) and -100 everywhere else.
     Longer conversations are cut at ``max_seq_len`` (counted in ``num_truncated``); one that keeps no
     assistant token after the cut is dropped (``num_dropped``). The file is tokenized once, in
     ``__init__``, into flat arrays (2 bytes a token plus 1 byte of mask).
@@ -412,7 +437,6 @@ class SFTDataset(Dataset):
     def __init__(self, path, tokenizer: TinyMindTokenizer, max_seq_len: int = 512, skip_bad_lines: bool = False):
         if max_seq_len < 2:
             raise TinyMindError(f"max_seq_len must be at least 2, got {max_seq_len}")
-        check_chatml(tokenizer)
         reader = JsonlReader(path, parse_conversation, skip_bad_lines)
         self.path, self.max_seq_len = reader.path, max_seq_len
         progress = Progress("sft", reader)
@@ -423,7 +447,7 @@ class SFTDataset(Dataset):
 
         def add(convs):
             nonlocal n_tokens
-            segs = [chat_segments(c) for c in convs]
+            segs = [conversation_segments(tokenizer, c) for c in convs]
             encoded = iter(tokenizer.encode_batch([text for s in segs for text, _ in s]))
             for s in segs:
                 ids, mask = [], []

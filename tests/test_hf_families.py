@@ -443,24 +443,89 @@ def test_mistral_with_a_sliding_window_is_refused(tmp_path, capsys):
     assert "MistralForCausalLM" in capsys.readouterr().out
 
 
-def test_sft_data_needs_a_chatml_template(tmp_path):
-    """SFT / LoRA data are written as ChatML: an imported tokenizer whose own template is ChatML (SmolLM2,
-    Qwen) trains; one with another template (here Mistral's) is refused by name before any data is read."""
-    from dataset.lm_dataset import SFTDataset
-    from model.tokenizer import CHAT_TEMPLATE_JINJA
+TALK = [{"role": "user", "content": "What is a panda?"}, {"role": "assistant", "content": "  A bear.\n"},
+        {"role": "user", "content": "Where does it live?"}, {"role": "assistant", "content": "In Sichuan."}]
 
+
+def family_tokenizer_folder(name: str, folder):
+    """The family's tokenizer files as a download has them (no transformers needed): tokenizer.json,
+    tokenizer_config.json with the template and special tokens, generation_config.json's end-of-turn ids."""
+    spec = FAMILIES[name]
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = family_tokenizer(spec["front"], spec["back"])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": spec["template"], **spec["tokens"]}))
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [tok.token_to_id(t) for t in spec["stops"]]}))
+    return load_tokenizer(folder / "tokenizer.json")
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_sft_data_is_written_in_the_models_own_template(name, tmp_path):
+    """SFT / LoRA data on an imported model are rendered by its own template (Llama 3's headers, Mistral's
+    [INST], Qwen3's think block, SmolLM2's default system line): the pieces join to the template's text, the
+    loss falls on each reply (as the template trims it) through the end-of-turn token that ends it, and the
+    context before a reply is the generation prompt chat uses, so training and chat see the same tokens."""
+    from dataset.lm_dataset import SFTDataset, conversation_segments
+
+    tok = family_tokenizer_folder(name, tmp_path / "tok")
+    turns = ([SYSTEM] if FAMILIES[name]["system"] else []) + TALK
+    segs = conversation_segments(tok, turns)
+    assert "".join(text for text, _ in segs) == tok.apply_chat_template(turns)
+    stop = next(t for t in FAMILIES[name]["stops"] if t == FAMILIES[name]["tokens"]["eos_token"])
+    targets = [text for text, is_target in segs if is_target]
+    assert [t.removesuffix(stop).strip() for t in targets] == ["A bear.", "In Sichuan."]
+    assert all(t.endswith(stop) for t in targets)
+    for k, i in enumerate(j for j, t in enumerate(turns) if t["role"] == "assistant"):
+        before = "".join(text for text, _ in segs[:segs.index((targets[k], True))])
+        prompt = tok.apply_chat_template(turns[:i], add_generation_prompt=True)
+        if name == "qwen3" and k == 1:   # the last reply carries the empty think block the template adds
+            prompt += "<think>\n\n</think>\n\n"
+        assert before == prompt
+    # the dataset's loss mask is exactly those pieces
     data = tmp_path / "chat.jsonl"
-    data.write_text(json.dumps({"conversations": [{"role": "user", "content": "hi"},
-                                                  {"role": "assistant", "content": "hello"}]}) + "\n")
-    folder = tmp_path / "tok"
-    folder.mkdir()
-    family_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], []).save(str(folder / "tokenizer.json"))
-    for template, ok in ((CHAT_TEMPLATE_JINJA, True), (FAMILIES["mistral"]["template"], False)):
-        (folder / "tokenizer_config.json").write_text(json.dumps(
-            {"chat_template": template, "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
-        tok = load_tokenizer(folder / "tokenizer.json")
-        if ok:
-            assert len(SFTDataset(data, tok, max_seq_len=64)) == 1
-        else:
-            with pytest.raises(TinyMindError, match="not ChatML"):
-                SFTDataset(data, tok, max_seq_len=64)
+    data.write_text(json.dumps({"conversations": turns}, ensure_ascii=False) + "\n")
+    ids, labels = SFTDataset(data, tok, max_seq_len=256)[0]
+    assert tok.decode(ids[labels != -100].tolist(), skip_special_tokens=False) == "".join(targets)
+
+
+def test_a_template_that_rewrites_the_reply_is_refused_by_name(tmp_path):
+    """A template that does not write a turn's text as given (here: upper-cased) leaves no tokens to mark
+    for the loss: refused with the turn it could not find."""
+    tok = family_tokenizer_folder("smollm2", tmp_path / "tok")
+    tok._template = __import__("model.chat_template", fromlist=["x"]).compile_template(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}<|im_end|>\n{% endfor %}")
+    from dataset.lm_dataset import conversation_segments
+    with pytest.raises(TinyMindError, match="turn 0 \\(user\\).*does not write it as given"):
+        conversation_segments(tok, TALK)
+
+
+@pytest.mark.slow   # builds a transformers model and trains
+@pytest.mark.parametrize("name", ["llama3", "mistral"])
+def test_lora_learns_a_reply_on_a_model_with_its_own_template(name, tmp_path):
+    """train_lora.py on an imported Llama 3 / Mistral folder (templates that are not ChatML): the adapter
+    learns one reply, and the chat prompt the engine builds from the same template gets it back, greedy."""
+    transformers = pytest.importorskip("transformers")
+    from conftest import quiet
+    from trainer import train_lora
+
+    folder, out = tmp_path / "hf", tmp_path / "out"
+    hf, hf_tok = build_family(transformers, name, folder)
+    hf.generation_config.eos_token_id = [hf_tok.convert_tokens_to_ids(t) for t in FAMILIES[name]["stops"]]
+    hf.save_pretrained(folder)
+    convert(out, "--from", "hf", "--in", folder, "--weight", "imported")
+    kept = out / "imported_tokenizer.json"
+    talk = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "A panda."}]
+    data = tmp_path / "me.jsonl"
+    data.write_text(json.dumps({"conversations": talk}) + "\n")
+    metrics, _ = quiet(train_lora.main, [
+        "--from_weight", "imported", "--save_dir", str(out), "--tokenizer_path", str(kept), "--data_path",
+        str(data), "--lora_name", "lora_me", "--device", "cpu", "--epochs", "60", "--batch_size", "1",
+        "--learning_rate", "3e-2", "--eval_interval", "0", "--val_ratio", "0", "--watch_prompts", "none",
+        "--warmup_ratio", "0"])
+    assert metrics["final_loss"] < 1.0   # from about 4: the reply is learned (greedy below)
+    lm = load_chat_model(out, "imported", adapters=["lora_me"], tokenizer_path=kept, device="cpu", dtype="float32")
+    ids = prompt_ids(lm.tok, talk[:1], lm.chat, lm.ctx, NEW_TOKENS)
+    assert ids == hf_prompt(hf_tok, talk[:1])   # the prompt is transformers' own for this template
+    reply, tokens, _ = generate_reply(lm.model, lm.tok, ids, NEW_TOKENS, temperature=0)
+    assert reply == "A panda." and tokens[-1] in lm.tok.stop_ids
