@@ -265,9 +265,47 @@ def update_footers(write: bool) -> list[str]:
     return stale
 
 
+def table_line_counts(line: str) -> list[tuple[str, int]] | None:
+    """The (file, stated lines) pairs of a README core-files row, ``| `a/x.py`, `y.py` | 10, 20 | ... |`` (a
+    bare name is in the folder of the one before it); None for any other line or a row without counts."""
+    cells = line.split("|")
+    if len(cells) < 4 or not re.fullmatch(r"\s*\d[\d, ]*", cells[2]):
+        return None
+    names, counts = re.findall(r"`([^`]+)`", cells[1]), [int(c) for c in re.findall(r"\d+", cells[2])]
+    if not names or len(names) != len(counts):
+        return None
+    paths, folder = [], ""
+    for name in names:
+        path = name if "/" in name else folder + name
+        folder = path.rsplit("/", 1)[0] + "/" if "/" in path else ""
+        paths.append(path)
+    return list(zip(paths, counts))
+
+
+def refresh_table_line_counts(doc: Path) -> list[str]:
+    """The README's core-files table: each row's line counts set to the files' current lengths."""
+    changed, lines = [], doc.read_text(encoding="utf-8").split("\n")
+    for i, line in enumerate(lines):
+        pairs = table_line_counts(line)
+        if not pairs or not all((ROOT / f).is_file() for f, _ in pairs):
+            continue
+        real = [len((ROOT / f).read_text(encoding="utf-8").splitlines()) for f, _ in pairs]
+        changed += [f"{doc.name}: {f} {n} -> {r}" for (f, n), r in zip(pairs, real) if n != r]
+        cells = line.split("|")
+        cells[2] = " " + ", ".join(map(str, real)) + " "
+        lines[i] = "|".join(cells)
+    if changed:
+        atomic_write_text(doc, "\n".join(lines))
+    return changed
+
+
 def refresh_line_counts() -> list[str]:
-    """Set every stated line count in docs/*.md to the cited file's current length; returns what changed."""
+    """Set every stated line count in docs/*.md (and the READMEs' core-files tables) to the cited file's
+    current length; returns what changed."""
     changed = []
+    for doc in (ROOT / "README.md", ROOT / "README_zh.md"):
+        if doc.exists():
+            changed += refresh_table_line_counts(doc)
     for doc in sorted((ROOT / "docs").glob("*.md")):
         text = doc.read_text(encoding="utf-8")
 

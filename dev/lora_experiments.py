@@ -25,7 +25,7 @@ settings and base model are skipped, so an interrupted sweep continues where it 
     python dev/lora_experiments.py --only rank,scaling      # some of them
     python dev/lora_experiments.py --jobs 2 --threads 1     # two runs at a time, one thread each
     python dev/lora_experiments.py --quick                  # every experiment, `smoke` model, a few steps (tests)
-    python dev/lora_experiments.py --render docs/07-lora-experiments.md --update   # refresh the docs' tables
+    python dev/lora_experiments.py --out_dir docs/results/lora_experiments --render docs/07-lora-experiments.md --update
 """
 from __future__ import annotations
 
@@ -774,6 +774,9 @@ def main(argv=None):
         doc = repo_path(args.render)
         if not doc.exists():
             raise TinyMindError(f"--render: {doc} not found")
+        if not results_path.exists():
+            raise TinyMindError(f"--render: no results at {results_path} (the committed ones: "
+                                "--out_dir docs/results/lora_experiments)")
         text = doc.read_text(encoding="utf-8")
         new = render_blocks(text, load_results(results_path), where=args.render)
         if args.update:

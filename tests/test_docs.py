@@ -184,6 +184,26 @@ def test_stated_line_counts_match():
     assert not problems, "stated line counts drifted:\n  " + "\n  ".join(problems)
 
 
+def test_readme_core_file_tables_state_current_line_counts():
+    """The README's core-files table ("| `file` | lines | what |") within 10% of each file's length;
+    `python dev/doc_numbers.py --line_counts` rewrites them."""
+    from conftest import dev_script
+
+    doc_numbers = dev_script("doc_numbers")
+    assert doc_numbers.table_line_counts("| `trainer/a.py`, `b.py` | 10, 20 | x |") == [
+        ("trainer/a.py", 10), ("trainer/b.py", 20)]
+    problems, seen = [], 0
+    for doc in (ROOT / "README.md", ROOT / "README_zh.md"):
+        for lineno, line in enumerate(doc.read_text(encoding="utf-8").splitlines(), 1):
+            for path, n in doc_numbers.table_line_counts(line) or []:
+                seen += 1
+                real = line_count(ROOT / path) if (ROOT / path).is_file() else None
+                if real is None or abs(n - real) > LINE_TOLERANCE * real:
+                    problems.append(f"{doc.name}:{lineno}: {path} stated {n} lines, has {real}")
+    assert seen, "no core-files table with line counts in the README"
+    assert not problems, "run `python dev/doc_numbers.py --line_counts`:\n  " + "\n  ".join(problems)
+
+
 def test_quoted_code_is_verbatim():
     problems, seen = [], 0
     for doc in doc_files():

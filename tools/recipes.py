@@ -1,9 +1,10 @@
 """The training recipes of the demo chain: each preset's flags for every stage, on top of the scripts' own
 defaults.
 
-``ORDER`` is the chain's stages in the order they run; ``STAGES[preset][stage]`` is the list of flags scripts/run_pipeline.py passes to that stage's script
-(pretrain, sft, lora_identity, lora_medical, eval); dev/lora_experiments.py starts every adapter of its
-sweeps from the same recipe, so that the experiments measure the model the pipeline trains.
+``ORDER`` is the chain's stages in the order they run; ``STAGES[preset][stage]`` is the list of flags
+scripts/run_pipeline.py passes to that stage's script (pretrain, sft, lora_identity, lora_medical, eval).
+dev/lora_experiments.py starts from the SFT model this recipe trains and keeps the previous adapter
+recipe (its ``EXPERIMENT_STAGES``), so that its experiments stay comparable with one another.
 """
 from __future__ import annotations
 
