@@ -28,3 +28,21 @@ def test_main_reports_every_group(tmp_path, capsys):
     # a freshly initialised model has no collapse: random rows in 64 dims are far apart
     assert all(r["collapsed"] == 0.0 for r in rows)
     assert "| condition names |" in capsys.readouterr().out
+
+
+def test_out_writes_the_rows_the_docs_quote(tmp_path):
+    """--out: the same rows as JSON, each with its short id (docs/06's table reads rows/id=.../...),
+    plus the checkpoint's fingerprint and the command."""
+    import json
+
+    from model.model import state_fingerprint
+
+    torch.manual_seed(0)
+    model = TinyMindForCausalLM(get_config("smoke"))
+    save_model(model, tmp_path / "full_sft_64.pth", stage="sft")
+    out = tmp_path / "health.json"
+    rows = H.main(["--save_dir", str(tmp_path), "--out", str(out)])
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data["rows"] == rows and [r["id"] for r in rows] == list(H.GROUP_IDS.values())
+    assert data["checkpoint"] == "full_sft_64.pth" and data["fingerprint"] == state_fingerprint(model.state_dict())
+    assert data["command"].startswith("python dev/embedding_health.py --save_dir")
