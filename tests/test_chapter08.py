@@ -144,7 +144,12 @@ def test_chapter08_commands_run_as_written_on_a_downloaded_folder(tmp_path):
         "    ours = model(x).logits\n"
         "    with model.disable_adapter():\n"
         "        plain = model(x).logits\n"
-        "print('diff', (ours - merged(x).logits).abs().max().item(), (ours - plain).abs().max().item())\n")
+        "print('diff', (ours - merged(x).logits).abs().max().item(), (ours - plain).abs().max().item())\n"
+        "from transformers import AutoTokenizer\n"   # the merged export keeps the download's chat template
+        "m = [{'role': 'user', 'content': 'Who are you?'}]\n"
+        "a, b = (AutoTokenizer.from_pretrained(d).apply_chat_template(m, add_generation_prompt=True, tokenize=False)\n"
+        "        for d in ('SmolLM2-135M-Instruct', 'out/hf/smol_nova'))\n"
+        "assert a == b and 'SmolLM' in a, (a, b)\n")
     p = subprocess.run([sys.executable, "-c", check], cwd=repo, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     to_merged, to_base = map(float, p.stdout.split("diff")[-1].split())
