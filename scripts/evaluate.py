@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch
 
-from model.common import atomic_write, atomic_write_text, repo_path, run_main, setup_device
+from model.common import TinyMindError, atomic_write, atomic_write_text, repo_path, run_main, setup_device
 from model.engine import load_base
 from model.tokenizer import load_tokenizer
 from tools.cli import add_model_flags, lora_names
@@ -130,7 +130,8 @@ def write_report(rows, results, out_dir: Path, meta: dict) -> dict:
 
 def build_parser():
     p = argparse.ArgumentParser(description="Score a TinyMind checkpoint (and LoRA adapters) on dataset/eval/.")
-    add_model_flags(p, "weight", "lora_weight", "save_dir", "hidden_size", "device", defaults={"lora_weight": ""},
+    add_model_flags(p, "weight", "lora_weight", "save_dir", "hidden_size", "tokenizer_path", "device",
+                    defaults={"lora_weight": ""},
                     helps={"save_dir": "folder with checkpoints and LoRA files; reports go here too"})
     p.add_argument("--compare", type=int, default=0,
                    help="1: score SFT alone, +lora_identity, +lora_medical and both, and write the report files")
@@ -153,7 +154,10 @@ def main(argv=None):
         sets = {k: v[:args.limit] for k, v in sets.items()}
     model, _, ckpt_path = load_base(save_dir, args.weight, args.hidden_size, device=device)
     hidden = model.config.hidden_size
-    tok = load_tokenizer()
+    tok = load_tokenizer(repo_path(args.tokenizer_path))   # an imported model's own (docs/08)
+    if len(tok) > model.config.vocab_size:
+        raise TinyMindError(f"{args.tokenizer_path} has {len(tok)} tokens but {ckpt_path.name} only "
+                            f"{model.config.vocab_size}: not the tokenizer this model was trained with")
 
     if args.compare:
         variants = compare_variants(save_dir, hidden)

@@ -25,14 +25,23 @@ CHAPTER = ROOT / "docs" / "08-lora-on-real-models.md"
 FOLDER = "SmolLM2-135M-Instruct"
 
 
-def section0() -> str:
+def section(start: str = "## 0.", end: str = "\n## 1.") -> str:
     text = CHAPTER.read_text(encoding="utf-8")
-    return text[text.index("## 0."):text.index("\n## 1.")]
+    return text[text.index(start):text.index(end, text.index(start))]
 
 
-def chapter_commands() -> list[str]:
-    """The commands of section 0's bash block, continuation lines joined, comments and the download dropped."""
-    block = re.search(r"```bash\n(.*?)```", section0(), re.S).group(1)
+def section0() -> str:
+    return section()
+
+
+def qwen_section() -> str:
+    return section("### 1.3", "\n## 2.")
+
+
+def chapter_commands(text: str | None = None) -> list[str]:
+    """The commands of a section's first bash block (default: section 0), continuation lines joined,
+    comments and the download dropped."""
+    block = re.search(r"```bash\n(.*?)```", text or section0(), re.S).group(1)
     commands, line = [], ""
     for raw in block.splitlines():
         raw = raw.split(" #")[0].rstrip() if not raw.lstrip().startswith("#") else ""
@@ -69,12 +78,13 @@ def repo_copy(dst: Path) -> Path:
     return dst
 
 
-def download(transformers, folder: Path):
-    """What ``huggingface-cli download HuggingFaceTB/SmolLM2-135M-Instruct`` leaves, at a tiny size."""
+def download(transformers, folder: Path, family: str = "smollm2"):
+    """What ``huggingface-cli download`` leaves for a model of ``family`` (tests/test_hf_families.py), at a
+    tiny size: the model, its tokenizer files with the family's template, its generation config."""
     sys.path.insert(0, str(ROOT / "tests"))
     from test_hf_families import FAMILIES, build_family
-    hf, hf_tok = build_family(transformers, "smollm2", folder)
-    hf.generation_config.eos_token_id = hf_tok.convert_tokens_to_ids(FAMILIES["smollm2"]["stops"][0])
+    hf, hf_tok = build_family(transformers, family, folder)
+    hf.generation_config.eos_token_id = [hf_tok.convert_tokens_to_ids(t) for t in FAMILIES[family]["stops"]]
     hf.save_pretrained(folder)
 
 
@@ -154,3 +164,25 @@ def test_chapter08_commands_run_as_written_on_a_downloaded_folder(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     to_merged, to_base = map(float, p.stdout.split("diff")[-1].split())
     assert to_merged < 1e-4 and to_base > 1e-3   # the adapter is the merged one, and it changed the model
+
+
+@pytest.mark.slow   # four commands, each its own process
+def test_chapter08_qwen_commands_run_as_written(tmp_path):
+    """Section 1.3: a Qwen2.5-shaped download, the Chinese persona set in its own folder, LoRA, chat, and the
+    evaluation command the text gives (the persona's own identity set)."""
+    transformers = pytest.importorskip("transformers")
+    repo = repo_copy(tmp_path / "repo")
+    download(transformers, repo / "Qwen2.5-0.5B-Instruct", "qwen2")
+    shipped = (repo / "dataset" / "lora_identity.jsonl").read_bytes()
+    commands = chapter_commands(qwen_section())
+    assert [shlex.split(c)[1] for c in commands] == [
+        "scripts/convert_model.py", "dataset/demo/make_demo_data.py", "trainer/train_lora.py", "eval_llm.py"]
+    for cmd in commands:
+        if "eval_llm.py" in cmd:
+            run(cmd + " --max_new_tokens 16", repo, stdin="你是谁？\n")
+        else:
+            run(cmd, repo)
+    evaluate = re.search(r"`(python scripts/evaluate.py [^`]+)`", qwen_section()).group(1)
+    out = run(evaluate + " --max_new_tokens 8 --limit 8", repo)
+    assert "+lora_zhou" in out and "identity" in out
+    assert (repo / "dataset" / "lora_identity.jsonl").read_bytes() == shipped
