@@ -7,8 +7,9 @@ gradient of the loss w.r.t. W, averaged over a few batches, and its SVD G = U S 
     B₀ = ζ · U[:, r:2r]        [out, r]          ζ = d_out^(1/4) / √γ   ("stable" scale, γ = 16)
     W_res = W − s·B₀A₀         frozen (model/lora_variants/residual.py: the file is a plain LoRA of rank 2r)
 
-We follow the paper's code: both A and B are scaled by ζ and S is not used. PEFT (init_lora_weights=
-"lora_ga") instead multiplies B by diag(S[r:2r]) as well as by ζ. Trainable: r·(in + out) per layer.
+We follow the paper's code: both A and B are scaled by ζ and S is not used. PEFT's init_lora_weights=
+"lora_ga" comes from the same reference code; TinyMind's tests check the formula above, not PEFT's
+numbers. Trainable: r·(in + out) per layer.
 """
 from __future__ import annotations
 

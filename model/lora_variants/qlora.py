@@ -12,7 +12,8 @@ to [−1, 1], exact 0 and ±1), two indices per byte, the first in the high nibb
 Double quantisation also compresses the absmaxes: minus their mean, 8 bits each in blocks of 256 with one
 fp32 scale per block (≈ 4.127 bits per weight). We use a symmetric linear 8-bit code there; bitsandbytes
 uses its dynamic 8-bit map (same storage, slightly different values). Paged optimizers are CUDA-only.
-The tied embedding / lm_head matrix is not quantised (as in the paper) but stored in bf16.
+The tied embedding / lm_head matrix is not quantised but stored in bf16 (as transformers + bitsandbytes
+load a model for QLoRA: 4-bit linear layers, 16-bit embedding and lm_head).
 
 The adapter file is a plain LoRA file (variant "qlora"): it loads on the full-precision base too, where it
 merges exactly; merging into the NF4 base itself is refused (it could only be dequantise-add-requantise).
