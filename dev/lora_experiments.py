@@ -525,10 +525,11 @@ def render(name: str, runs: list[Run], rows: dict, extra: dict) -> str:
                 top, lo, hi = g["grid"], g["r_lo"], g["r_hi"]
                 sim.append([task, kind, f"r{lo} vs r{hi}", g["layers"], f"{top[0][0]:.2f}",
                             f"{sum(top[i][i] for i in range(lo)) / lo:.2f}", f"{top[-1][-1]:.2f}",
-                            f"{g['random_top1']:.3f}"])
-        if sim:
+                            f"{g['random_top1']:.3f}", f"{hi * g['random_top1']:.2f}"])
+        if sim:   # E[phi(i, j)] of random subspaces is j / d: the yardsticks of the phi columns
             t += "\n\n" + table(["task", "layer", "adapters", "layers", "φ(1,1)", "mean φ(i,i), i ≤ r_lo",
-                                 "φ(r_lo, r_hi)", "φ(1,1) of random directions"], sim)
+                                 "φ(r_lo, r_hi)", "φ(1,1) of random directions",
+                                 "φ(r_lo, r_hi) of random subspaces"], sim)
         return t
     if name == "targets":
         body = []
