@@ -15,8 +15,9 @@ ORDER = ("pretrain", "sft", "lora_identity", "lora_medical", "eval")
 # (docs/results/lora_effect_levers.md):
 # - pretraining with Muon on the hidden matrices (trainer/optim.py): the same 186 steps end at held-out
 #   loss ~1.6 instead of ~2.8, and the adapters built on that model are far less seed-dependent;
-# - the identity adapter: 8 epochs instead of train_lora.py's 4, near its plateau: at 4 the persona's
-#   sentences were still garbled on two seeds of three, and added to the medical adapter it lost the name;
+# - the identity adapter: 8 epochs instead of train_lora.py's 4 (its held-out loss still falls in the last
+#   epoch, but the persona is learned): at 4 the persona's sentences were still garbled on two seeds of
+#   three, and added to the medical adapter it lost the name;
 # - the medical adapter: a new 62-row table keyed on 62 one-token condition names needs many passes
 #   (16 epochs), some weight decay, a LoRA on the token embedding, which gives each name trainable numbers
 #   of its own, and on the MLP as well as attention: the symptoms (several multi-token words per
