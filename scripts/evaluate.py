@@ -53,6 +53,11 @@ def summary_row(label: str, res: dict) -> dict:
             "general_qa_by_kind": g.get("by_kind"), "medical_qa_by_kind": m.get("by_kind")}
 
 
+def heldout_text(row: dict) -> str:
+    """"1.234 (3.43)", or "—" for a set without reference replies."""
+    return "—" if row["heldout_loss"] is None else f"{row['heldout_loss']:.3f} ({row['heldout_ppl']:.2f})"
+
+
 def markdown_table(rows: list[dict]) -> str:
     pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"
     lines = ["| variant | general QA | identity: new persona | identity: base persona | medical QA | held-out loss (ppl) |",
@@ -60,7 +65,7 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['variant']} | {pct(r['general_qa'])} | {pct(r['identity_new'])} | "
                      f"{pct(r['identity_base'])} | {pct(r['medical_qa'])} | "
-                     f"{r['heldout_loss']:.3f} ({r['heldout_ppl']:.2f}) |")
+                     f"{heldout_text(r)} |")
     return "\n".join(lines)
 
 
@@ -175,7 +180,7 @@ def main(argv=None):
         rows.append(row)
         print(f"[eval] {label:<10} general {row['general_qa'] or 0:.3f}  identity new/base "
               f"{row['identity_new'] or 0:.3f}/{row['identity_base'] or 0:.3f}  medical {row['medical_qa'] or 0:.3f}"
-              f"  held-out loss {row['heldout_loss']:.3f}  ({res['seconds']}s)", flush=True)
+              f"  held-out loss {heldout_text(row)}  ({res['seconds']}s)", flush=True)
         for name in sets:
             for ex in res[name].get("replies", [])[:args.show]:
                 print(f"    [{name}] {ex['question']} -> {ex['reply']}")

@@ -16,10 +16,10 @@ from tools import scoring
 from scripts import run_pipeline as P
 from conftest import dev_script
 
-QA = [{"question": "小明的职业是什么？", "answers": ["医生"], "kind": "a"},
-      {"question": "小红住在哪里？", "answers": ["北京", "京城"], "kind": "a"},
-      {"question": "猫吃什么？", "answers": ["鱼"], "kind": "b"},
-      {"question": "狗会做什么？", "answers": ["看家"], "kind": "b"}]
+QA = [{"question": "小明的职业是什么？", "answers": ["医生"], "kind": "a", "reference": "小明是医生。"},
+      {"question": "小红住在哪里？", "answers": ["北京", "京城"], "kind": "a", "reference": "小红住在北京。"},
+      {"question": "猫吃什么？", "answers": ["鱼"], "kind": "b", "reference": "猫吃鱼。"},
+      {"question": "狗会做什么？", "answers": ["看家"], "kind": "b", "reference": "狗会看家。"}]
 IDENT = [{"question": "你是谁？", "base_names": ["TinyMind"], "new_names": ["知微"]},
          {"question": "你叫什么？", "base_names": ["TinyMind"], "new_names": ["知微"]},
          {"question": "介绍一下你自己", "base_names": ["TinyMind"], "new_names": ["知微"]},
@@ -69,6 +69,20 @@ def test_evaluate_model_gives_the_expected_scores():
     row = E.summary_row("x", res)
     assert row["general_qa"] == 0.75 and row["medical_qa"] is None
     assert "75.0%" in E.markdown_table([row])
+
+
+def test_a_set_without_reference_replies_has_no_heldout_loss():
+    """Hand-written sets (dataset/eval_novel) give answer words, not reference replies: the held-out loss is
+    None and the report prints "—", not the loss of a bare answer word the model would never say alone."""
+    from model.tokenizer import load_tokenizer
+    tok = load_tokenizer()
+    bare = [{k: v for k, v in it.items() if k != "reference"} for it in QA]
+    replies = {"小明的职业是什么？": "医生", "小红住在哪里？": "上海", "猫吃什么？": "鱼", "狗会做什么？": "看家"}
+    res = scoring.evaluate_model(TableModel(tok, replies), tok, {"medical_qa": bare}, "cpu", batch_size=3)
+    assert res["medical_qa"]["accuracy"] == 0.75
+    assert res["heldout"] == {"loss": None, "ppl": None, "tokens": 0}
+    row = E.summary_row("+m", res)
+    assert row["heldout_loss"] is None and E.markdown_table([row]).endswith("| 75.0% | — |")
 
 
 def test_bad_eval_file_is_one_clear_error(tmp_path):

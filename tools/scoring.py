@@ -65,12 +65,9 @@ def messages_for(item: dict) -> list[dict]:
 
 
 def reference_reply(item: dict) -> str | None:
-    """The reply used for the teacher-forced loss: an explicit reference, else the first answer."""
-    if item.get("reference"):
-        return item["reference"]
-    if item.get("answers"):
-        return item["answers"][0]
-    return None  # identity items have no single right reply
+    """The reply used for the teacher-forced loss: the item's ``reference`` sentence. None without one
+    (identity items have no single right reply; a bare answer word is not a reply the model would give)."""
+    return item.get("reference") or None
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -127,8 +124,9 @@ def heldout_loss(model, tok, items, device, batch_size=32) -> dict:
 
     # the tokens the shifted loss averages over: every label after a sequence's first position
     count = sum(sum(1 for y in labels[1:] if y != -100) for _, labels in seqs)
+    if not seqs:   # no reference replies (identity items, hand-written sets): no held-out loss
+        return {"loss": None, "ppl": None, "tokens": 0}
     mean = evaluate(model, seqs, right_pad, batch_size, DeviceContext(torch.device(device)))
-    mean = 0.0 if mean is None else mean   # no reference replies (identity items only)
     return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "tokens": count}
 
 
