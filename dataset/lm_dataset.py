@@ -380,7 +380,9 @@ def own_template_segments(tokenizer: TinyMindTokenizer, turns: list[dict]) -> li
     """``chat_segments`` for an imported model's own chat template (Llama 3's, Mistral's, Qwen3's, ...).
 
     The conversation is rendered once by the model's template; each assistant reply is found in that text
-    (after the user turns before it, in order; templates may trim the content, as Llama 3's does), and the
+    (after the user turns before it, in order, and no earlier than the generation prompt chat would build
+    for it, so a reply that repeats words of a header or a user turn is not taken for them; templates may
+    trim the content, as Llama 3's does), and the
     target runs from the reply's first character through the end-of-turn token that follows it (one of the
     tokenizer's ``stop_ids`` or its eos token: ``<|eot_id|>``, ``</s>``, ``<|im_end|>``), so the model learns
     to stop where generation stops. Everything else, the template's headers and default system lines
@@ -393,6 +395,13 @@ def own_template_segments(tokenizer: TinyMindTokenizer, turns: list[dict]) -> li
         content = t["content"].strip()
         if t["role"] == "system" or not content:   # templates move system lines about (Mistral: to the last turn)
             continue
+        if t["role"] == "assistant":   # a reply starts no earlier than the prompt chat would give for it
+            try:
+                prompt = tokenizer.apply_chat_template(turns[:i], add_generation_prompt=True)
+            except TinyMindError:   # a template that refuses the shorter conversation: search from the cursor
+                prompt = ""
+            if text.startswith(prompt):
+                cursor = max(cursor, len(prompt))
         at = text.find(t["content"], cursor)   # as given (ChatML keeps it verbatim), else as trimmed
         if at >= 0:
             content = t["content"]

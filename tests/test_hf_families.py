@@ -489,6 +489,19 @@ def test_sft_data_is_written_in_the_models_own_template(name, tmp_path):
     assert tok.decode(ids[labels != -100].tolist(), skip_special_tokens=False) == "".join(targets)
 
 
+def test_a_reply_that_repeats_the_header_or_the_question_is_found_in_its_own_place(tmp_path):
+    """SmolLM2's default system line names "Hugging Face"; a user who says it and a reply that repeats it:
+    the target is the reply after the generation prompt, not the same words earlier in the text."""
+    from dataset.lm_dataset import conversation_segments
+
+    tok = family_tokenizer_folder("smollm2", tmp_path / "tok")
+    talk = [{"role": "user", "content": "Hugging Face"}, {"role": "assistant", "content": "Hugging Face"}]
+    segs = conversation_segments(tok, talk)
+    before = "".join(text for text, target in segs[:[t for _, t in segs].index(True)])
+    assert before == tok.apply_chat_template(talk[:1], add_generation_prompt=True)
+    assert [text for text, target in segs if target] == ["Hugging Face<|im_end|>"]
+
+
 def test_a_template_that_rewrites_the_reply_is_refused_by_name(tmp_path):
     """A template that does not write a turn's text as given (here: upper-cased) leaves no tokens to mark
     for the loss: refused with the turn it could not find."""
