@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.common import TinyMindError
+
 # Rows per chunk: 1024 x 49152 fp32 logits are 200 MB; 256 rows keep the working copy near 50 MB for a
 # 49k vocabulary (150 MB for Qwen's 151k) while each chunk's products stay large enough for BLAS.
 HEAD_CHUNK_ROWS = 256
@@ -45,6 +47,8 @@ def head_chunk_rows(flag: str, vocab_size: int) -> int:
     """Rows per chunk for ``--head_chunk`` (auto, 0, or a number of rows): 0 means the plain head."""
     if flag == "auto":
         return HEAD_CHUNK_ROWS if vocab_size >= AUTO_MIN_VOCAB else 0
+    if not flag.isdigit():
+        raise TinyMindError(f"--head_chunk {flag}: expected auto, 0 or a number of rows")
     return int(flag)
 
 

@@ -94,8 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 def memory_settings(model, args, ctx, variant) -> str:
     """Apply --base_dtype, --grad_checkpoint and --head_chunk to the wrapped model; the log line saying what
     they did."""
-    if args.head_chunk != "auto" and not (args.head_chunk.isdigit()):
-        raise TinyMindError(f"--head_chunk {args.head_chunk}: expected auto, 0 or a number of rows")
+    rows = head_chunk_rows(args.head_chunk, model.config.vocab_size)   # a bad flag fails before anything changes
     base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     dtype = base_dtype(args.base_dtype, ctx.dtype, base, ctx.device)
     if dtype != torch.float32 and any(getattr(variant, k) is not None
@@ -104,7 +103,7 @@ def memory_settings(model, args, ctx, variant) -> str:
                             "weights; train it on an fp32 base (--base_dtype float32)")
     saved = hold_frozen_base(model, dtype)
     model.model.gradient_checkpointing = bool(args.grad_checkpoint)
-    model.head_chunk_rows = head_chunk_rows(args.head_chunk, model.config.vocab_size)
+    model.head_chunk_rows = rows
     head = f"in chunks of {model.head_chunk_rows} rows" if model.head_chunk_rows else "whole"
     return (f"memory: frozen base in {str(dtype)[6:]} (saves {saved / 2**20:.0f} MB), adapters fp32, gradient "
             f"checkpointing {'on' if args.grad_checkpoint else 'off'}, LM head loss {head}")
