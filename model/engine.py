@@ -57,7 +57,7 @@ from model.lora_adapters import set_active_adapters
 from model.lora_file import LORA_FORMAT
 import model.lora_variants  # noqa: F401  (registers every LoRA variant, so an adapter file of any of them loads)
 from model.model_lora import NAME_RE, base_state_dict, load_lora, merge_lora
-from model.tokenizer import DEFAULT_TOKENIZER_PATH, TinyMindTokenizer, load_tokenizer
+from model.tokenizer import DEFAULT_TOKENIZER_PATH, TinyMindTokenizer, load_model_tokenizer, load_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,10 +408,7 @@ def load_chat_model(save_dir, weight: str, adapters: Sequence[str] | None = (), 
         if value and value != getattr(cfg, flag):
             raise TinyMindError(f"--{flag} {value} does not match {path.name} ({flag}={getattr(cfg, flag)}); "
                                 "the checkpoint carries its own config, the flag can be left out")
-    tok = load_tokenizer(repo_path(tokenizer_path))
-    if len(tok) > cfg.vocab_size:
-        raise TinyMindError(f"{tokenizer_path} has {len(tok)} tokens but {path.name} only "
-                            f"{cfg.vocab_size}: not the tokenizer this model was trained with")
+    tok = load_model_tokenizer(repo_path(tokenizer_path), cfg.vocab_size, path.name)
     stage = ckpt.get("stage") or ("pretrain" if weight.startswith("pretrain") else "sft")
     names = adapters_for_base(model, save_dir, skip=weight) if adapters is None else list(adapters)
     load_adapters(model, save_dir, names)

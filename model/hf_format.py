@@ -36,7 +36,7 @@ from model.chat_template import companion_files
 from model.common import TinyMindError, atomic_write, atomic_write_text, safe_load
 from model.model import ROPE_SCALING_KEYS, TinyMindConfig, check_rope_scaling, check_state_dict, expected_shapes
 from model.model_lora import find_targets, is_embedding
-from model.tokenizer import BOS_TOKEN, CHAT_TEMPLATE_JINJA, EOS_TOKEN, PAD_TOKEN, load_tokenizer
+from model.tokenizer import BOS_TOKEN, CHAT_TEMPLATE_JINJA, EOS_TOKEN, PAD_TOKEN, load_model_tokenizer
 
 ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
          "mistral": "MistralForCausalLM"}                           # model_type -> class name
@@ -262,10 +262,8 @@ def export_hf(state: dict, cfg: TinyMindConfig, out: Path, tokenizer_path: Path,
               dtype: str = "float32") -> list[Path]:
     """Write a transformers folder; weights first, config last (a folder with a config is complete).
     An imported model's tokenizer goes back with its own files (chat template, generation config)."""
-    tok = load_tokenizer(tokenizer_path)   # checks the special ids before anything is written
+    tok = load_model_tokenizer(tokenizer_path, cfg.vocab_size, "the model")   # checked before anything is written
     config = hf_config(cfg, arch, dtype, special_ids(tok))
-    if len(tok) > cfg.vocab_size:
-        raise TinyMindError(f"{tokenizer_path} has {len(tok)} tokens, the model only {cfg.vocab_size}")
     weights = {k: v.to(DTYPES[dtype]) for k, v in state.items()
                if not (cfg.tie_word_embeddings and k == "lm_head.weight")}   # tied: stored once, as HF does
     out.mkdir(parents=True, exist_ok=True)

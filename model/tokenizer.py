@@ -9,7 +9,8 @@ Implements:
   end-of-turn ids, read from the files beside its ``tokenizer.json``), the same methods with its own ids
   and its own template.
 - ``load_tokenizer(path=None)``: reads ``model/tokenizer.json`` (trained by ``trainer/train_tokenizer.py``),
-  or an imported model's tokenizer with its own chat setup.
+  or an imported model's tokenizer with its own chat setup; ``load_model_tokenizer``: the same, checked
+  against the vocabulary of the model it is for.
 
 Byte-level BPE means every string round-trips exactly: text is first turned into UTF-8 bytes, each byte is
 a base token, and merges only glue bytes together, so emoji or a script the tokenizer never saw still encode
@@ -119,15 +120,12 @@ class TinyMindTokenizer:
 
         An imported model's tokenizer renders its own template instead (``render_template``).
         """
-        parts = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise TinyMindError(f"chat message {i}: expected {{'role': str, 'content': str}}, got {m!r:.80}")
-            if self.chat is not None:
-                continue
-            parts.append(f"{BOS_TOKEN}{m['role']}\n{m['content']}{EOS_TOKEN}\n")
         if self.chat is not None:
             return render_template(self._template, self.chat, [dict(m) for m in messages], add_generation_prompt)
+        parts = [f"{BOS_TOKEN}{m['role']}\n{m['content']}{EOS_TOKEN}\n" for m in messages]
         if add_generation_prompt:
             parts.append(f"{BOS_TOKEN}assistant\n")
         return "".join(parts)
@@ -155,3 +153,13 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> TinyMindTokenizer:
     if chat is not None and chat.template == CHAT_TEMPLATE_JINJA:   # TinyMind's own ChatML, exported and back
         chat = None
     return TinyMindTokenizer(tok, path, chat)
+
+
+def load_model_tokenizer(path: str | os.PathLike, vocab_size: int, model_name: str) -> TinyMindTokenizer:
+    """``load_tokenizer(path)`` for a model of ``vocab_size`` rows (named ``model_name`` in the error),
+    refused when the tokenizer has more tokens than that: not the tokenizer the model was trained with."""
+    tok = load_tokenizer(path)
+    if len(tok) > vocab_size:
+        raise TinyMindError(f"{path} has {len(tok)} tokens but {model_name} only {vocab_size}: "
+                            "not the tokenizer this model was trained with")
+    return tok

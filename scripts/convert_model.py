@@ -41,7 +41,7 @@ from model.model import (PRESETS, TinyMindConfig, TinyMindForCausalLM, count_par
                          save_model)
 from model.lora_file import LORA_FORMAT
 from model.model_lora import LoRAConfig, apply_lora, base_state_dict, load_lora, merge_lora, save_lora
-from model.tokenizer import DEFAULT_TOKENIZER_PATH, load_tokenizer
+from model.tokenizer import DEFAULT_TOKENIZER_PATH, load_model_tokenizer, load_tokenizer
 from tools.cli import add_model_flags, lora_names
 
 ARCH_FLAGS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -126,9 +126,7 @@ def keep_tokenizer(tok_path: Path | None, cfg: TinyMindConfig, save_dir: Path, w
     Returns the --tokenizer_path flag eval_llm.py needs (or "")."""
     if tok_path is None:
         return ""
-    tok = load_tokenizer(tok_path)
-    if len(tok) > cfg.vocab_size:
-        raise TinyMindError(f"{tok_path} has {len(tok)} tokens, the model only {cfg.vocab_size}")
+    tok = load_model_tokenizer(tok_path, cfg.vocab_size, "the model")
     if tok.chat is None and tok.fingerprint == load_tokenizer().fingerprint:
         return ""
     dest = save_dir / f"{weight}_tokenizer.json"

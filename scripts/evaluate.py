@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch
 
-from model.common import TinyMindError, atomic_write, atomic_write_text, repo_path, run_main, setup_device
+from model.common import atomic_write, atomic_write_text, repo_path, run_main, setup_device
 from model.engine import load_base
-from model.tokenizer import load_tokenizer
+from model.tokenizer import load_model_tokenizer
 from tools.cli import add_model_flags, lora_names
 from tools.scoring import compare_variants, each_variant, evaluate_model, load_eval_sets
 
@@ -159,10 +159,7 @@ def main(argv=None):
         sets = {k: v[:args.limit] for k, v in sets.items()}
     model, _, ckpt_path = load_base(save_dir, args.weight, args.hidden_size, device=device)
     hidden = model.config.hidden_size
-    tok = load_tokenizer(repo_path(args.tokenizer_path))   # an imported model's own (docs/08)
-    if len(tok) > model.config.vocab_size:
-        raise TinyMindError(f"{args.tokenizer_path} has {len(tok)} tokens but {ckpt_path.name} only "
-                            f"{model.config.vocab_size}: not the tokenizer this model was trained with")
+    tok = load_model_tokenizer(repo_path(args.tokenizer_path), model.config.vocab_size, ckpt_path.name)
 
     if args.compare:
         variants = compare_variants(save_dir, hidden)

@@ -153,3 +153,20 @@ def test_shipped_tokenizer():
         assert tok.decode(tok.encode(text)) == text
     # Merges learned on the demo corpus: Chinese text needs well under one token per character.
     assert len(tok.encode(ROUND_TRIP["chinese"])) < len(ROUND_TRIP["chinese"])
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path, capsys):
+    """load_model_tokenizer, the one check every command that pairs a tokenizer with a model goes through
+    (chat, evaluation, conversion): a tokenizer with more tokens than the model's vocabulary is not its own."""
+    from conftest import expect_user_error
+    from model.tokenizer import DEFAULT_TOKENIZER_PATH, load_model_tokenizer
+    from scripts import evaluate
+
+    tok = load_model_tokenizer(DEFAULT_TOKENIZER_PATH, 6400, "m.pth")
+    assert len(tok) == 6400
+    with pytest.raises(TinyMindError, match="has 6400 tokens but m.pth only 100: not the tokenizer"):
+        load_model_tokenizer(DEFAULT_TOKENIZER_PATH, 100, "m.pth")
+    from model.model import TinyMindForCausalLM, get_config, save_model
+    save_model(TinyMindForCausalLM(get_config("smoke", vocab_size=300)), tmp_path / "full_sft_64.pth", stage="sft")
+    expect_user_error(capsys, evaluate.main, ["--save_dir", str(tmp_path), "--limit", "1"],
+                      "6400 tokens but full_sft_64.pth only 300")
