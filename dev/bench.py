@@ -184,28 +184,33 @@ def memory_worker(args):
                       "peak_mb": peak_memory_mb(device)}))
 
 
-def run_memory_workers(ctx):
-    """Run one ``--_worker`` process per variant, side by side (they measure memory, not time)."""
-    a = ctx.args
+def start_worker(ctx, worker: str, *flags: str) -> subprocess.Popen:
+    """A fresh ``--_worker`` process of this script (its own peak memory), on this run's device and threads."""
     # glibc keeps freed blocks below its (self-raising) mmap threshold in the heap, so without this the peak
     # RSS measures fragmentation (~1 GB for both variants of `small`) rather than the tensors alive at the
     # peak. A fixed 64 KiB threshold hands every tensor-sized block back to the OS when it is freed, so RSS
     # follows live memory, the CPU counterpart of CUDA's max_memory_allocated. Other C libraries ignore it.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    procs = {}
-    for variant in ("full", "lora"):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", variant, "--device", str(ctx.device),
-               "--preset", ctx.preset, "--batch_size", str(ctx.batch_size), "--seq_len", str(ctx.seq_len),
-               "--lora_rank", str(a.lora_rank), "--lora_targets", a.lora_targets,
-               "--threads", str(torch.get_num_threads())]
-        procs[variant] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    results = {}
-    for variant, proc in procs.items():
-        out, err = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory worker '{variant}' failed (exit {proc.returncode}):\n{err[-3000:]}")
-        results[variant] = json.loads(out.strip().splitlines()[-1])
-    return results
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", worker, "--device", str(ctx.device),
+           "--threads", str(torch.get_num_threads()), *flags]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def worker_result(worker: str, proc: subprocess.Popen) -> dict:
+    """The JSON line a worker printed last, once it has finished."""
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory worker '{worker}' failed (exit {proc.returncode}):\n{err[-3000:]}")
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_memory_workers(ctx):
+    """Run one ``--_worker`` process per variant, side by side (they measure memory, not time)."""
+    a = ctx.args
+    flags = ("--preset", ctx.preset, "--batch_size", str(ctx.batch_size), "--seq_len", str(ctx.seq_len),
+             "--lora_rank", str(a.lora_rank), "--lora_targets", a.lora_targets)
+    procs = {variant: start_worker(ctx, variant, *flags) for variant in ("full", "lora")}
+    return {variant: worker_result(variant, proc) for variant, proc in procs.items()}
 
 
 def bench_lora_memory(ctx):
@@ -697,16 +702,8 @@ def real_worker(args):
 
 def real_memory(ctx, variants, batch_size, seq_len):
     """Peak memory of each variant, one fresh process at a time (they would share the cores)."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}   # RSS follows live memory (run_memory_workers)
-    out = {}
-    for v in variants:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", f"real_{v}", "--device", str(ctx.device),
-               "--batch_size", str(batch_size), "--seq_len", str(seq_len), "--threads", str(torch.get_num_threads())]
-        proc = subprocess.run(cmd + (["--quick"] if ctx.args.quick else []), capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory worker 'real_{v}' failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        out[v] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return out
+    flags = ("--batch_size", str(batch_size), "--seq_len", str(seq_len), *(["--quick"] if ctx.args.quick else []))
+    return {v: worker_result(f"real_{v}", start_worker(ctx, f"real_{v}", *flags)) for v in variants}
 
 
 def bench_lora_135m(ctx):
