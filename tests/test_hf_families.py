@@ -542,3 +542,11 @@ def test_lora_learns_a_reply_on_a_model_with_its_own_template(name, tmp_path):
     assert ids == hf_prompt(hf_tok, talk[:1])   # the prompt is transformers' own for this template
     reply, tokens, _ = generate_reply(lm.model, lm.tok, ids, NEW_TOKENS, temperature=0)
     assert reply == "A panda." and tokens[-1] in lm.tok.stop_ids
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "yarn", "factor": 2.0}, {"rope_type": "llama3", "factor": 8.0}])
+def test_a_refused_rope_scaling_names_the_file_once(scaling):
+    d = {**RELEASED["SmolLM2-135M"][0], "rope_scaling": scaling}
+    with pytest.raises(TinyMindError) as e:
+        config_from_hf(d, "dl/config.json")
+    assert str(e.value).count("dl/config.json") == 1 and "rope" in str(e.value)
