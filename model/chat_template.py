@@ -22,7 +22,7 @@ import jinja2
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from model.common import TinyMindError
+from model.common import TinyMindError, read_json
 
 
 @dataclass
@@ -44,16 +44,6 @@ def companion_files(path: Path) -> dict[str, Path] | None:
             for name in ("tokenizer_config.json", "chat_template.jinja", "generation_config.json")}
 
 
-def _json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise TinyMindError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise TinyMindError(f"{path}: expected a JSON object")
-    return d
-
-
 def _text(token) -> str | None:
     """A special token as tokenizer_config.json writes it: a string or {"content": string, ...}."""
     return token.get("content") if isinstance(token, dict) else token
@@ -64,7 +54,7 @@ def read_own_chat(path: Path) -> OwnChat | None:
     files = companion_files(path)
     if files is None or not files["tokenizer_config.json"].is_file():
         return None
-    config = _json(files["tokenizer_config.json"])
+    config = read_json(files["tokenizer_config.json"], "tokenizer_config.json")
     template = config.get("chat_template")
     if files["chat_template.jinja"].is_file():   # newer transformers keep the template in a file of its own
         template = files["chat_template.jinja"].read_text(encoding="utf-8")
@@ -77,7 +67,7 @@ def read_own_chat(path: Path) -> OwnChat | None:
     specials = {k: _text(config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
     stop = ()
     if files["generation_config.json"].is_file():
-        eos = _json(files["generation_config.json"]).get("eos_token_id")
+        eos = read_json(files["generation_config.json"], "generation_config.json").get("eos_token_id")
         stop = tuple(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
     return OwnChat(template, {k: v for k, v in specials.items() if isinstance(v, str)}, stop)
 

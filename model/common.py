@@ -9,6 +9,7 @@
 - ``atomic_write`` (and ``atomic_save`` / ``atomic_write_text`` on top of it): the one way TinyMind
   writes a file. The content goes to ``*.tmp`` first and is moved into place with ``os.replace``, so an
   interrupted write never destroys the previous good file.
+- ``read_json``: a JSON object from a file (a folder's config.json, tokenizer_config.json ...), one-line errors.
 - ``safe_load``: every checkpoint we read goes through ``torch.load(..., weights_only=True)``, which
   refuses pickles that run code.
 - ``find_checkpoint``: the one rule that turns (save_dir, name, hidden size or none) into a file;
@@ -21,6 +22,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from contextlib import contextmanager, nullcontext
@@ -99,6 +101,19 @@ def safe_load(path: str | os.PathLike, what: str = "checkpoint", map_location="c
     if not isinstance(obj, dict):
         raise TinyMindError(f"{path} is not a TinyMind {what} (top level is {type(obj).__name__}, not dict)")
     return obj
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from ``path`` (``what`` names it when the file is missing); one-line errors."""
+    if not path.is_file():
+        raise TinyMindError(f"{what} not found: {path}")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TinyMindError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise TinyMindError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def find_checkpoint(save_dir, name: str, hidden_size: int | None = None, what: str = "checkpoint",

@@ -33,7 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from model.chat_template import companion_files
-from model.common import TinyMindError, atomic_write, atomic_write_text, safe_load
+from model.common import TinyMindError, atomic_write, atomic_write_text, read_json, safe_load
 from model.model import ROPE_SCALING_KEYS, TinyMindConfig, check_state_dict, expected_shapes
 from model.model_lora import find_targets, is_embedding
 from model.tokenizer import BOS_TOKEN, CHAT_TEMPLATE_JINJA, EOS_TOKEN, PAD_TOKEN, load_model_tokenizer
@@ -45,18 +45,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # ----------------------------------------------------------------------------- files
-
-def read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise TinyMindError(f"{what} not found: {path}")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise TinyMindError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise TinyMindError(f"{path}: expected a JSON object, got {type(d).__name__}")
-    return d
-
 
 def write_json(path: Path, d: dict):
     atomic_write_text(path, json.dumps(d, indent=2, ensure_ascii=False) + "\n")

@@ -32,10 +32,10 @@ import shutil
 import torch
 
 from model.chat_template import companion_files
-from model.common import TinyMindError, atomic_write, find_checkpoint, repo_path, run_main, safe_load
+from model.common import TinyMindError, atomic_write, find_checkpoint, read_json, repo_path, run_main, safe_load
 from model.engine import load_adapters, load_base
 from model.hf_format import (ARCHS, DTYPES, compact_targets, config_from_hf, export_hf, export_peft, hf_arch,
-                             peft_variant, read_hf, read_json, read_peft)
+                             peft_variant, read_hf, read_peft)
 from model.minimind_format import describe, minimind_lora, minimind_state, read_minimind
 from model.model import (PRESETS, TinyMindConfig, TinyMindForCausalLM, count_parameters, get_config, load_model,
                          save_model)
