@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.common import TinyMindError
+from model.loss_fused import ce_chunk
 
 # Rows per chunk: 1024 x 49152 fp32 logits are 200 MB; 256 rows keep the working copy near 50 MB for a
 # 49k vocabulary (150 MB for Qwen's 151k) while each chunk's products stay large enough for BLAS.
@@ -67,16 +68,6 @@ def compute_dtype(h, W):
     return W.dtype
 
 
-def _chunk_grad(logits, t, n):
-    """(-sum of log p(target), d loss / d logits) of one chunk: logits (r, V), t (r, 1); the gradient is
-    (softmax - onehot) / n, computed in fp32 and returned in the logits' dtype."""
-    logp = torch.log_softmax(logits.float(), dim=-1)                    # (r, V) fp32
-    nll = -logp.gather(1, t).sum()
-    p = logp.exp_()                                                      # softmax, in place
-    p.scatter_add_(1, t, torch.full_like(t, -1, dtype=p.dtype))         # softmax - onehot
-    return nll, p.mul_(1.0 / n).to(logits.dtype)
-
-
 class ChunkedHeadLoss(torch.autograd.Function):
     """Mean cross-entropy of ``h W^T`` against ``targets``, the head run ``rows`` rows at a time.
 
@@ -100,7 +91,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
         Wc = W.detach().to(dtype)                                                   # (V, C), cast once
         for i in range(0, n, rows):
             hc = h[i:i + rows].detach().to(dtype)                                   # (r, C)
-            nll, g = _chunk_grad(F.linear(hc, Wc), targets[i:i + rows, None], n)    # g: (r, V)
+            nll, g = ce_chunk(F.linear(hc, Wc), targets[i:i + rows, None], n)       # g: (r, V) fp32
+            g = g.to(dtype)
             total += nll
             if dh is not None:
                 dh[i:i + rows] = g @ Wc                                             # (r, C)

@@ -17,6 +17,7 @@ copy stays in the CPU's cache), and writes it once, in the logits' dtype; the ba
 arithmetic is fp32 in both paths: the loss agrees to fp32 rounding, the gradient to the rounding of its dtype.
 
 What this file implements:
+- ``ce_chunk``: one chunk of rows: its summed negative log-likelihood and its gradient.
 - ``FusedCrossEntropy``: the autograd Function (forward computes loss and gradient; backward scales it).
 - ``fused_cross_entropy``: the loss through it.
 - ``fused_ce_applies``: where it runs instead of the plain line (a CPU step that needs the gradient).
@@ -29,6 +30,17 @@ import torch
 CHUNK_ELEMENTS = 1 << 19
 
 
+def ce_chunk(logits, t, n: int):
+    """One chunk of the closed form: (-sum of log p(target), (softmax - onehot) / n), both fp32, for
+    logits (r, V) of any dtype and targets t (r, 1). model/loss_chunked.py runs the same chunk on a head's
+    logits."""
+    logp = torch.log_softmax(logits.float(), dim=-1)                    # (r, V) fp32
+    nll = -logp.gather(1, t).sum()                                       # -log p(target), summed
+    p = logp.exp_()                                                      # softmax, in place
+    p.scatter_add_(1, t, torch.full_like(t, -1, dtype=p.dtype))         # softmax - onehot
+    return nll, p.mul_(1.0 / n)
+
+
 class FusedCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``logits`` (N, V), fp32 or bf16, against ``targets`` (N,) (every row counts)."""
 
@@ -38,14 +50,10 @@ class FusedCrossEntropy(torch.autograd.Function):
         rows = max(1, CHUNK_ELEMENTS // vocab)
         grad = torch.empty_like(logits)                                      # (N, V) in the logits' dtype
         total = torch.zeros((), dtype=torch.float32, device=logits.device)
-        minus_one = torch.full((rows, 1), -1.0, device=logits.device)
         for i in range(0, n, rows):
-            t = targets[i:i + rows, None]                                    # (r, 1)
-            logp = torch.log_softmax(logits[i:i + rows].float(), dim=-1)     # (r, V) fp32
-            total -= logp.gather(1, t).sum()                                 # -log p(target), summed
-            p = logp.exp_()                                                  # softmax, in place
-            p.scatter_add_(1, t, minus_one[:len(t)])                         # softmax - onehot
-            grad[i:i + rows] = p.mul_(1.0 / n)                               # cast once, on the write
+            nll, g = ce_chunk(logits[i:i + rows], targets[i:i + rows, None], n)   # g: (r, V) fp32
+            total += nll
+            grad[i:i + rows] = g                                             # cast once, on the write
         ctx.save_for_backward(grad)
         return total / n
 
